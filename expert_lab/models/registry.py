@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['ClassifierHead', 'init_weights', 'ModelCard', 'UnknownModelError', 'register_model', 'register_resolver',
-           'list_models', 'model_exists', 'create_model']
+           'list_models', 'model_card', 'model_exists', 'create_model']
 
-# %% ../../nbs/04_models.ipynb #da2f5a0e
+# %% ../../nbs/04_models.ipynb #6e309cd2
 import difflib, fnmatch
 from dataclasses import dataclass
 from typing import Callable
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 import torchvision.models.resnet as tvr
 
-# %% ../../nbs/04_models.ipynb #f095b875
+# %% ../../nbs/04_models.ipynb #9c1866f8
 class ClassifierHead(nn.Module):
     "Global average pool, dropout, linear: the head every model in the zoo ends with."
     def __init__(self,
@@ -30,7 +30,7 @@ class ClassifierHead(nn.Module):
         x = x.mean((2, 3))  # global average pool, [B, C, H, W] -> [B, C]
         return x if pre_logits else self.fc(self.drop(x))
 
-# %% ../../nbs/04_models.ipynb #13099420
+# %% ../../nbs/04_models.ipynb #e65b7f0a
 def init_weights(model:nn.Module, zero_init_residual:bool=False) -> nn.Module:
     "Kaiming-normal (fan_out) convs, BatchNorm 1/0, zero linear bias; optionally zero the end of each residual branch."
     for m in model.modules():
@@ -44,7 +44,7 @@ def init_weights(model:nn.Module, zero_init_residual:bool=False) -> nn.Module:
             elif hasattr(m, 'zero_init_last'): m.zero_init_last()
     return model
 
-# %% ../../nbs/04_models.ipynb #476420a5
+# %% ../../nbs/04_models.ipynb #60b6bd28
 @dataclass(frozen=True)
 class ModelCard:
     "What the zoo knows about one model name."
@@ -62,7 +62,7 @@ _models: dict[str, ModelCard] = {}   # fixed names
 _resolvers: list[Callable] = []      # functions name -> ModelCard|None, for parametric families (wideresnet<d>_<w>)
 _patterns: list[str] = []            # how the resolvers' names look, for error messages
 
-# %% ../../nbs/04_models.ipynb #85590660
+# %% ../../nbs/04_models.ipynb #36aaf2a2
 def register_model(*cards:ModelCard):
     "Add `cards` to the registry under their names (registering a name again replaces it)."
     for card in cards: _models[card.name] = card
@@ -75,13 +75,13 @@ def register_resolver(pattern:str, # how the names look, e.g. 'wideresnet<depth>
         return f
     return _inner
 
-# %% ../../nbs/04_models.ipynb #79fc55c2
+# %% ../../nbs/04_models.ipynb #18909ec8
 def list_models(filter:str='*') -> list[str]:
     "Registered model names, sorted, optionally narrowed by a shell-style pattern such as 'resnet*'."
     return sorted(fnmatch.filter(_models, filter))
 
-def _resolve(name:str) -> ModelCard:
-    "The card for `name`: a fixed name, or one a parametric family recognises."
+def model_card(name:str) -> ModelCard:
+    "The card for `name`: a registered name, or one a parametric family recognises."
     if name in _models: return _models[name]
     for f in _resolvers:
         if (card := f(name)) is not None: return card
@@ -92,15 +92,15 @@ def _resolve(name:str) -> ModelCard:
 
 def model_exists(name:str) -> bool:
     "Can `create_model(name)` build it?"
-    try: _resolve(name)
+    try: model_card(name)
     except ValueError: return False
     return True
 
-# %% ../../nbs/04_models.ipynb #4ef586e2
+# %% ../../nbs/04_models.ipynb #724f3789
 def create_model(name:str,          # a registered name (see `list_models`) or a parametric one like 'wideresnet16_4'
                  num_classes:int=100, # outputs of the classifier head
                  drop_rate:float=0.,  # dropout; where it acts depends on the family (see its notebook)
                  **overrides,         # family-specific options, e.g. zero_init_residual=True
                 ) -> nn.Module:
     "Build the model registered as `name`."
-    return _resolve(name).build(num_classes=num_classes, drop_rate=drop_rate, **overrides)
+    return model_card(name).build(num_classes=num_classes, drop_rate=drop_rate, **overrides)
