@@ -6,7 +6,7 @@
 __all__ = ['count_params', 'count_macs', 'model_table', 'format_model_table', 'ModelCard', 'UnknownModelError', 'create_model',
            'list_models', 'model_card', 'model_exists']
 
-# %% ../../nbs/04e_zoo.ipynb #a6a44273
+# %% ../../nbs/04e_zoo.ipynb #5a1d7220
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -16,7 +16,7 @@ from . import resnet, wide_resnet, resnext, densenet  # importing a family regis
 _all_ = ['ModelCard', 'UnknownModelError', 'create_model', 'list_models', 'model_card', 'model_exists']
 _families = ['resnet', 'wide_resnet', 'resnext', 'densenet']  # table order: the notebooks' order
 
-# %% ../../nbs/04e_zoo.ipynb #e23536b4
+# %% ../../nbs/04e_zoo.ipynb #e0732908
 def count_params(model:torch.nn.Module) -> int:
     "Number of parameters."
     return sum(p.numel() for p in model.parameters())
@@ -27,7 +27,7 @@ def count_macs(model:torch.nn.Module, size:int=32) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad(): model(x)
     return counter.get_total_flops() // 2
 
-# %% ../../nbs/04e_zoo.ipynb #9d751e4b
+# %% ../../nbs/04e_zoo.ipynb #04e09ea8
 def model_table(published:bool=True, # add the published top-1, its source and the expected range
                ) -> list[dict]:
     "One row per registered model: name, family, params, MACs per 32x32 image, and (if `published`) the literature."
@@ -40,14 +40,14 @@ def model_table(published:bool=True, # add the published top-1, its source and t
         rows.append(row)
     return sorted(rows, key=lambda r: (_families.index(r['family']), r['params']))
 
-# %% ../../nbs/04e_zoo.ipynb #293883e6
+# %% ../../nbs/04e_zoo.ipynb #3ae83514
 _columns = {  # row key: header, format, right-aligned
     'name': ('model', str, False),
     'family': ('family', str, False),
     'params': ('params', lambda v: f'{v / 1e6:.2f}M', True),
     'macs': ('MACs', lambda v: f'{v / 1e9:.2f}G', True),
-    'top1': ('published top-1', lambda v: '-' if v is None else f'{v:g}%', True),
-    'expected': ('this recipe', lambda v: '-' if v is None else f'{v[0]:g}-{v[1]:g}%', True),
+    'top1': ('published top-1', lambda v: '-' if v is None else f'{v:.2f}'.removesuffix('0') + '%', True),
+    'expected': ('this recipe', lambda v: '-' if v is None else f'{v[0]:.1f}-{v[1]:.1f}%', True),
     'source': ('source', str, False),
 }
 

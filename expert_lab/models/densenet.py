@@ -5,16 +5,15 @@
 # %% auto #0
 __all__ = ['CifarDenseNet']
 
-# %% ../../nbs/04d_densenet.ipynb #97b20c78
+# %% ../../nbs/04d_densenet.ipynb #2b6a2131
 from functools import partial
 
-import torch
 from torch import nn
 import torchvision.models.densenet as tvd
 
-from .registry import ClassifierHead, ModelCard, create_model, init_weights, register_model
+from .registry import ClassifierHead, ModelCard, init_weights, register_model
 
-# %% ../../nbs/04d_densenet.ipynb #8f1ca0a4
+# %% ../../nbs/04d_densenet.ipynb #7e23c2dc
 class CifarDenseNet(tvd.DenseNet):
     "torchvision's DenseNet with a CIFAR stem (3x3 conv, stride 1, no max-pool) and the zoo's head."
     def __init__(self,
@@ -39,7 +38,7 @@ class CifarDenseNet(tvd.DenseNet):
     def forward_features(self, x): return self.features(x).relu()  # torchvision's ReLU after the final BN
     def forward(self, x): return self.head(self.forward_features(x))
 
-# %% ../../nbs/04d_densenet.ipynb #c994e6b8
+# %% ../../nbs/04d_densenet.ipynb #f6262d90
 _src = 'pytorch-cifar100 reproduction (weiaicunzai), 200 epochs'
 register_model(
     ModelCard('densenet121', 'densenet', partial(CifarDenseNet, 32, (6, 12, 24, 16)), 77.0, _src, (77.0, 79.5)),

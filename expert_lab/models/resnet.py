@@ -5,16 +5,15 @@
 # %% auto #0
 __all__ = ['CifarResNet', 'PreActBlock', 'PreActResNet']
 
-# %% ../../nbs/04a_resnet.ipynb #851e0e4f
+# %% ../../nbs/04a_resnet.ipynb #5904f67e
 from functools import partial
 
-import torch
 from torch import nn
 import torchvision.models.resnet as tvr
 
 from .registry import ClassifierHead, ModelCard, init_weights, register_model
 
-# %% ../../nbs/04a_resnet.ipynb #f1e75f14
+# %% ../../nbs/04a_resnet.ipynb #ccfdc432
 class CifarResNet(tvr.ResNet):
     "torchvision's ResNet with a CIFAR stem (3x3 conv, stride 1, no max-pool) and the zoo's head; stages of 0 blocks are left out."
     def __init__(self,
@@ -41,7 +40,7 @@ class CifarResNet(tvr.ResNet):
 
     def forward(self, x): return self.head(self.forward_features(x))
 
-# %% ../../nbs/04a_resnet.ipynb #6fdeecc5
+# %% ../../nbs/04a_resnet.ipynb #79a28384
 class PreActBlock(nn.Module):
     "BN-ReLU-conv3x3-[dropout]-BN-ReLU-conv3x3, plus the shortcut (a 1x1 conv when the shape changes)."
     def __init__(self, cin:int, cout:int, stride:int=1,
@@ -50,7 +49,7 @@ class PreActBlock(nn.Module):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.drop = nn.Dropout(drop_rate)
+        self.drop = nn.Dropout(drop_rate) if drop_rate else nn.Identity()
         self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
 
     def forward(self, x):
@@ -61,7 +60,7 @@ class PreActBlock(nn.Module):
 
     def zero_init_last(self): nn.init.zeros_(self.conv2.weight)
 
-# %% ../../nbs/04a_resnet.ipynb #da5c75cd
+# %% ../../nbs/04a_resnet.ipynb #34f67c5c
 class PreActResNet(nn.Module):
     "3x3 stem conv, stages of pre-activation blocks (the first keeps the resolution, each later one halves it), final BN-ReLU, head."
     def __init__(self,
@@ -87,7 +86,7 @@ class PreActResNet(nn.Module):
     def forward_features(self, x): return self.norm(self.stages(self.stem(x))).relu()
     def forward(self, x): return self.head(self.forward_features(x))
 
-# %% ../../nbs/04a_resnet.ipynb #dcf9ef38
+# %% ../../nbs/04a_resnet.ipynb #d399b21f
 _src = 'pytorch-cifar100 reproduction (weiaicunzai), 200 epochs'
 register_model(
     ModelCard('resnet18', 'resnet', partial(CifarResNet, tvr.BasicBlock, [2, 2, 2, 2]), 75.6, _src, (75.5, 78.0)),

@@ -5,17 +5,16 @@
 # %% auto #0
 __all__ = ['PreActBottleneck']
 
-# %% ../../nbs/04c_resnext.ipynb #86f7a937
+# %% ../../nbs/04c_resnext.ipynb #f227cb05
 from functools import partial
 
-import torch
 from torch import nn
 import torchvision.models.resnet as tvr
 
-from .registry import ModelCard, create_model, register_model
+from .registry import ModelCard, register_model
 from .resnet import CifarResNet, PreActResNet
 
-# %% ../../nbs/04c_resnext.ipynb #88f3dfed
+# %% ../../nbs/04c_resnext.ipynb #0727aff7
 class PreActBottleneck(nn.Module):
     "BN-ReLU-conv1x1, BN-ReLU-grouped conv3x3, BN-ReLU-conv1x1, plus the shortcut (a 1x1 conv when the shape changes)."
     def __init__(self, cin:int, cout:int, stride:int=1,
@@ -37,7 +36,7 @@ class PreActBottleneck(nn.Module):
 
     def zero_init_last(self): nn.init.zeros_(self.conv3.weight)
 
-# %% ../../nbs/04c_resnext.ipynb #f8ec81f0
+# %% ../../nbs/04c_resnext.ipynb #92df30ca
 def _resnext29(groups, width, **kw):
     return CifarResNet(tvr.Bottleneck, [3, 3, 3, 0], groups=groups, width_per_group=width, **kw)
 

@@ -5,16 +5,14 @@
 # %% auto #0
 __all__ = ['wrn_blocks_per_stage', 'wide_resnet']
 
-# %% ../../nbs/04b_wide_resnet.ipynb #80ddfd90
+# %% ../../nbs/04b_wide_resnet.ipynb #997014bc
 import re
 from functools import partial
 
-import torch
-
-from .registry import ModelCard, create_model, register_model, register_resolver
+from .registry import ModelCard, register_model, register_resolver
 from .resnet import PreActBlock, PreActResNet
 
-# %% ../../nbs/04b_wide_resnet.ipynb #2f9d7ac8
+# %% ../../nbs/04b_wide_resnet.ipynb #018b956d
 def wrn_blocks_per_stage(depth:int) -> int:
     "Blocks per stage of a WRN of `depth` layers: n for depth 6n+4."
     if depth < 10 or (depth - 4) % 6:
@@ -32,7 +30,7 @@ def wide_resnet(depth:int,            # total layers, 6n+4
     return PreActResNet(PreActBlock, [n] * 3, [16 * width, 32 * width, 64 * width], stem_width=16,
                         num_classes=num_classes, block_kw=dict(drop_rate=drop_rate), **kw)
 
-# %% ../../nbs/04b_wide_resnet.ipynb #580226f0
+# %% ../../nbs/04b_wide_resnet.ipynb #48e4921f
 _src = 'Zagoruyko & Komodakis 2016'
 register_model(
     ModelCard('wideresnet28_10', 'wide_resnet', partial(wide_resnet, 28, 10), 80.75,

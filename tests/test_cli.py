@@ -1,0 +1,157 @@
+"""The `expert-lab` command as a user types it: bad input is refused with one line and exit status 2 before anything is
+created, and the seed project's spellings (`--expert_id`, `--batch_size`, `--no_wandb`, MODEL_TYPE/EXPERT_ID/EPOCHS) work.
+
+Every command runs as a subprocess of the venv's `expert-lab`, with settings, runs and data isolated in a tmp folder."""
+import os, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# variables a developer's shell may set that would change what these commands resolve to
+_CONFIG_ENV = ("MODEL_TYPE", "EXPERT_ID", "EPOCHS", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+
+
+def clean_env(tmp:Path, **extra)->dict:
+    "os.environ without config variables, with settings, runs and data pointed into `tmp`."
+    env = {k: v for k, v in os.environ.items() if k not in _CONFIG_ENV and not k.startswith("EXPERT_LAB_")}
+    env.update(EXPERT_LAB_SETTINGS=str(tmp/"settings.ini"), EXPERT_LAB_RUNS_DIR=str(tmp/"runs"),
+               EXPERT_LAB_DATA_ROOT=str(tmp/"data"), EXPERT_LAB_DEVICE="cpu", MPLBACKEND="Agg")
+    env.update(extra)
+    return env
+
+
+def cli(tmp:Path, *args, env:dict|None=None, timeout:int=120)->subprocess.CompletedProcess:
+    "Run `expert-lab ARGS` from the repo root in the isolated environment."
+    return subprocess.run([str(BIN/"expert-lab"), *map(str, args)], cwd=REPO, env=env or clean_env(tmp),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def files_under(p:Path)->list:
+    return sorted(str(f.relative_to(p)) for f in p.rglob("*")) if p.exists() else []
+
+
+TRAIN = ("train", "--model", "wideresnet10_1", "--dataset", "cifar100", "--n-experts", "2", "--epochs", "1",
+         "--steps-per-epoch", "2")
+
+BAD_INPUT = {  # name: (extra arguments, extra environment, words the one-line error must contain)
+    "unknown model": (("--model", "resnet19"), {}, ("model", "resnet19", "did you mean 'resnet18'")),
+    "expert id too large": (("--expert-id", "2"), {}, ("expert_id", "0..1", "2")),
+    "expert id spelled the seed's way": (("--expert_id", "7"), {}, ("expert_id", "7")),
+    "expert id from the environment": ((), {"EXPERT_ID": "5"}, ("expert_id", "5")),
+    "epochs not an integer": (("--epochs", "ten"), {}, ("epochs", "integer", "'ten'")),
+    "lr not a number": (("--lr", "fast"), {}, ("lr", "number", "'fast'")),
+    "bool not a bool": (("--nesterov", "maybe"), {}, ("nesterov", "true or false")),
+    "epochs out of range": (("--epochs", "0"), {}, ("epochs", "> 0")),
+    "unknown partition": (("--partition", "random"), {}, ("partition", "'random'", "iid")),
+    "unknown option": (("--learning-rate", "0.1"), {}, ("unknown option --learning-rate",)),
+    "bad environment variable": ((), {"EXPERT_LAB_EPOCHZ": "3"}, ("EXPERT_LAB_EPOCHZ", "epochz")),
+    "superclass needs cifar100": (("--dataset", "cifar10", "--partition", "superclass"), {}, ("superclass", "cifar100")),
+}
+
+
+def check_refused(rc:int, out:str, err:str, words, tmp:Path):
+    "Exit status 2, one `expert-lab: error:` line naming `words`, nothing on stdout, nothing created."
+    assert rc == 2, (rc, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("expert-lab: error: "), err
+    for w in words: assert w in lines[0], (w, lines[0])
+    assert out == ""
+    assert files_under(tmp/"runs") == [], "bad input must not create a run folder"
+    assert not (tmp/"data").exists(), "bad input must not touch the data"
+
+
+@pytest.mark.parametrize("name", BAD_INPUT)
+def test_bad_input_is_refused(tmp_path, monkeypatch, capsys, name):
+    "In-process through `main`, so every case is cheap; the subprocess test below checks the real entry point."
+    from expert_lab.cli import main
+    args, env, words = BAD_INPUT[name]
+    for k in list(os.environ): monkeypatch.delenv(k) if k in _CONFIG_ENV or k.startswith("EXPERT_LAB_") else None
+    for k, v in clean_env(tmp_path, **env).items(): monkeypatch.setenv(k, v)
+    rc = main([*TRAIN, "--runs-dir", str(tmp_path/"runs"), *args])
+    check_refused(rc, *capsys.readouterr(), words, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["unknown model", "expert id too large", "epochs not an integer"])
+def test_bad_input_exits_2_from_the_command(tmp_path, name):
+    args, env, words = BAD_INPUT[name]
+    r = cli(tmp_path, *TRAIN, "--runs-dir", tmp_path/"runs", *args, env=clean_env(tmp_path, **env))
+    check_refused(r.returncode, r.stdout, r.stderr, words, tmp_path)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("resume", "NOT_A_RUN"), ("run_dir", "not a run folder")),
+    (("ensemble", "--partition", "iid"), ("--model",)),
+    (("ensemble", "--model", "wideresnet10_1", "--partition", "iid", "--n-experts", "two"), ("--n-experts", "'two'")),
+    (("frobnicate",), ("frobnicate",)),
+])
+def test_other_commands_refuse_bad_input(tmp_path, args, words):
+    args = [str(tmp_path/a) if a == "NOT_A_RUN" else a for a in args]
+    r = cli(tmp_path, *args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("expert-lab: error: "), r.stderr
+    for w in words: assert w in lines[0], (w, lines[0])
+    assert files_under(tmp_path) == []
+
+
+def config_rows(out:str)->dict:
+    "`expert-lab config` output as {key: (value, source)}."
+    rows = {}
+    for line in out.splitlines():
+        key, rest = line.split(None, 1)
+        value, source = rest.rsplit(None, 1)
+        rows[key] = (value, source)
+    return rows
+
+
+def test_seed_spellings_reach_the_config(tmp_path):
+    r = cli(tmp_path, "config", "--expert_id", "1", "--n_experts", "2", "--batch_size", "32", "--no_wandb", "--wandb_mode", "disabled")
+    assert r.returncode == 0, r.stderr
+    rows = config_rows(r.stdout)
+    assert rows["expert_id"] == ("1", "arg") and rows["batch_size"] == ("32", "arg")
+    assert rows["wandb"] == ("False", "arg") and rows["wandb_mode"] == ("'disabled'", "arg")
+    assert rows["runs_dir"] == (repr(str(tmp_path/"runs")), "env")  # the isolation itself works
+
+
+def test_seed_environment_variables(tmp_path):
+    env = clean_env(tmp_path, MODEL_TYPE="wideresnet10_1", EXPERT_ID="1", EPOCHS="3", EXPERT_LAB_N_EXPERTS="2")
+    rows = config_rows(cli(tmp_path, "config", env=env).stdout)
+    assert rows["model"] == ("'wideresnet10_1'", "env") and rows["expert_id"] == ("1", "env") and rows["epochs"] == ("3", "env")
+    rows = config_rows(cli(tmp_path, "config", "--epochs", "4", env=env).stdout)
+    assert rows["epochs"] == ("4", "arg"), "a flag beats the environment"
+    # EXPERT_ID picks the one expert `train` runs
+    r = cli(tmp_path, "train", "--dry-run", "--dataset", "digits", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines() == ["would train wideresnet10_1 expert 1/2 (iid) on digits"]
+    assert files_under(tmp_path/"runs") == []
+
+
+def test_no_wandb_both_spellings(tmp_path):
+    for flag in ("--no_wandb", "--no-wandb"):
+        assert config_rows(cli(tmp_path, "config", "--wandb", flag).stdout)["wandb"] == ("False", "arg")
+    assert config_rows(cli(tmp_path, "config", "--wandb").stdout)["wandb"] == ("True", "arg")
+
+
+def test_papermill_lists_the_runbook_parameters():
+    r = subprocess.run([str(BIN/"papermill"), "--help-notebook", str(REPO/"nbs"/"train_expert.ipynb")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "Unable to parse" not in r.stdout + r.stderr, r.stdout + r.stderr
+    for p in ("model: str", "expert_id: int", "dataset: str", "epochs: int", "batch_size: int", "steps_per_epoch: int",
+              "config_json: str", "run_dir: str", "resume: bool"):
+        assert p in r.stdout, (p, r.stdout)
+
+
+@pytest.mark.parametrize("name", ["compare_runs", "ensemble"])
+def test_report_runbooks_have_typed_parameters(name):
+    from papermill.inspection import display_notebook_help  # noqa: F401  (papermill is importable)
+    import nbformat
+    from papermill.translators import PythonTranslator
+    nb = nbformat.read(REPO/"nbs"/f"{name}.ipynb", as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1
+    params = {p.name: p.inferred_type_name for p in PythonTranslator.inspect(cells[0])}
+    want = dict(model="str", partition="str", runs_dir="str") | (dict(status="str") if name == "compare_runs" else dict(n_experts="int"))
+    assert params == want

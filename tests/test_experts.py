@@ -1,0 +1,124 @@
+"Expert partitions (expert_lab.experts)."
+import matplotlib
+matplotlib.use('Agg')
+import pytest
+import torch
+
+from expert_lab.experts import PARTITIONS, check_partition, expert_partition, partition_counts, plot_partition
+
+
+def _labels(n=2000, num_classes=100, seed=0):
+    "Imbalanced labels with CIFAR-100's structure: 100 fine classes, 20 coarse classes of five."
+    g = torch.Generator().manual_seed(seed)
+    fine = torch.multinomial(torch.linspace(1, 3, num_classes), n, replacement=True, generator=g)
+    coarse_of = torch.randperm(num_classes, generator=g) % 20
+    return fine, coarse_of[fine]
+
+
+def _assert_exact_cover(parts, n):
+    allidx = torch.cat(parts)
+    assert len(allidx) == n and torch.equal(allidx.sort().values, torch.arange(n))  # disjoint and complete
+    assert all(p.dtype == torch.int64 and torch.equal(p, p.sort().values) and len(p) > 0 for p in parts)
+
+
+@pytest.mark.parametrize('kind', ['iid', 'classes', 'superclass', 'dirichlet'])
+@pytest.mark.parametrize('n_experts', [1, 3, 7])
+def test_every_index_in_exactly_one_expert(kind, n_experts):
+    fine, coarse = _labels()
+    parts = expert_partition(fine, n_experts, kind, seed=2, coarse=coarse)
+    assert len(parts) == n_experts
+    _assert_exact_cover(parts, len(fine))
+
+
+@pytest.mark.parametrize('kind', PARTITIONS)
+def test_deterministic_for_a_seed(kind):
+    fine, coarse = _labels()
+    a = expert_partition(fine, 4, kind, seed=11, coarse=coarse)
+    b = expert_partition(fine, 4, kind, seed=11, coarse=coarse)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    if kind != 'full':
+        c = expert_partition(fine, 4, kind, seed=12, coarse=coarse)
+        assert any(not torch.equal(p, q) for p, q in zip(a, c))
+
+
+def test_iid_is_stratified_and_balanced():
+    fine, _ = _labels()
+    counts = partition_counts(fine, expert_partition(fine, 6, 'iid'), 100)
+    assert (counts.max(0).values - counts.min(0).values).max() <= 1
+    sizes = counts.sum(1)
+    assert sizes.max() - sizes.min() <= 1 and sizes.sum() == len(fine)
+
+
+def test_classes_are_disjoint_and_even():
+    fine, _ = _labels()
+    counts = partition_counts(fine, expert_partition(fine, 7, 'classes'), 100)
+    assert ((counts > 0).sum(0) == 1).all()  # every class with exactly one expert
+    per_expert = (counts > 0).sum(1)
+    assert per_expert.sum() == 100 and per_expert.max() - per_expert.min() <= 1
+
+
+def test_superclass_keeps_superclasses_whole():
+    fine, coarse = _labels()
+    parts = expert_partition(fine, 6, 'superclass', coarse=coarse)
+    cc = partition_counts(coarse, parts, 20)
+    assert ((cc > 0).sum(0) == 1).all()
+    assert sorted((cc > 0).sum(1).tolist()) == [3, 3, 3, 3, 4, 4]
+    fc = partition_counts(fine, parts, 100)
+    assert ((fc > 0).sum(0) == 1).all()  # so fine classes are disjoint too
+
+
+@pytest.mark.parametrize('alpha', [0.05, 0.5, 5.0])
+def test_dirichlet_min_size_and_skew(alpha):
+    fine, _ = _labels()
+    parts = expert_partition(fine, 5, 'dirichlet', seed=3, alpha=alpha, min_size=50)
+    _assert_exact_cover(parts, len(fine))
+    assert min(len(p) for p in parts) >= 50
+
+
+def test_dirichlet_alpha_controls_skew():
+    fine, _ = _labels(4000)
+    def top_share(alpha):
+        c = partition_counts(fine, expert_partition(fine, 4, 'dirichlet', alpha=alpha, min_size=1), 100).float()
+        return (c.max(0).values / c.sum(0)).mean().item()
+    small, large = top_share(0.05), top_share(100.0)
+    assert small > 0.85 and large < 0.45  # iid would be 0.25 plus noise
+
+
+def test_full_gives_everyone_everything():
+    fine, _ = _labels(300)
+    parts = expert_partition(fine, 3, 'full')
+    assert all(torch.equal(p, torch.arange(300)) for p in parts)
+
+
+def test_impossible_settings_raise_early():
+    with pytest.raises(ValueError, match="Unknown partition 'shards'; choose one of iid, classes, superclass, dirichlet, full"):
+        check_partition('shards', 4)
+    with pytest.raises(ValueError, match='n_experts=0'): check_partition('iid', 0)
+    with pytest.raises(ValueError, match='n_experts=11 .* has 10'): check_partition('classes', 11, num_classes=10)
+    with pytest.raises(ValueError, match='coarse labels'): check_partition('superclass', 4, has_coarse=False)
+    with pytest.raises(ValueError, match='n_experts=25'): check_partition('superclass', 25)
+    for a in (0, -1.0, float('nan')):
+        with pytest.raises(ValueError, match='alpha='): check_partition('dirichlet', 4, alpha=a)
+    check_partition('dirichlet', 4, alpha=0.1)
+    check_partition('classes', 10, num_classes=10)
+
+
+def test_impossible_partitions_of_data():
+    fine, coarse = _labels(200)
+    with pytest.raises(ValueError, match='coarse labels'): expert_partition(fine, 4, 'superclass')
+    with pytest.raises(ValueError, match='has 3'): expert_partition(torch.tensor([0, 1, 2, 1]), 4, 'classes')
+    with pytest.raises(ValueError, match='empty'): expert_partition(torch.tensor([0, 1, 2]), 4, 'iid')
+    with pytest.raises(ValueError, match='need 400 images'): expert_partition(fine, 4, 'dirichlet', min_size=100)
+    two = torch.tensor([0] * 50 + [1] * 50)
+    with pytest.raises(ValueError, match='fewer than min_size=25'): expert_partition(two, 3, 'dirichlet', alpha=0.01, min_size=25)
+
+
+def test_partition_counts_and_plot():
+    fine, _ = _labels(500, num_classes=10)
+    parts = expert_partition(fine, 3, 'iid')
+    counts = partition_counts(fine, parts, 10)
+    assert counts.shape == (3, 10) and torch.equal(counts.sum(0), torch.bincount(fine, minlength=10))
+    ax = plot_partition(counts, [f'c{i}' for i in range(10)])
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f'c{i}' for i in range(10)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ['expert 0', 'expert 1', 'expert 2']
+    assert ax.collections[0].get_array().reshape(3, 10).tolist() == counts.tolist()

@@ -1,0 +1,127 @@
+"""The model zoo: registry, parameter counts against the literature, forward/backward, channels_last, compile."""
+import pytest
+import torch
+
+from expert_lab.models import (UnknownModelError, create_model, format_model_table, list_models, model_exists,
+                               model_table)
+from expert_lab.models import count_macs, count_params
+
+# Parameters with a 100-class head; the reference implementations' counts (within 1%).
+PARAMS_M = {
+    'resnet18': 11.22, 'resnet34': 21.33, 'resnet50': 23.71, 'preact_resnet18': 11.2,
+    'wideresnet28_10': 36.54, 'wideresnet40_2': 2.26,
+    'resnext29_8x64d': 34.52, 'preact_resnext29_8x64d': 34.5, 'resnext29_16x64d': 68.25,
+    'densenet121': 7.05, 'densenet169': 12.64, 'densenet201': 18.28,
+}
+
+
+def meta_model(name, **kw):
+    with torch.device('meta'): return create_model(name, **kw)
+
+
+def test_list_models():
+    assert set(list_models()) == {*PARAMS_M, 'efficient_densenet', 'wideresnet16_4'}
+    assert list_models('densenet*') == ['densenet121', 'densenet169', 'densenet201']
+
+
+@pytest.mark.parametrize('name', sorted(PARAMS_M))
+def test_param_count(name):
+    assert count_params(meta_model(name)) / 1e6 == pytest.approx(PARAMS_M[name], rel=0.01)
+
+
+def test_efficient_densenet():
+    m = meta_model('efficient_densenet')
+    assert count_params(m) / 1e6 == pytest.approx(2.5, rel=0.1)
+    layers = [l for l in m.modules() if type(l).__name__ == '_DenseLayer']
+    assert len(layers) == 96 and all(l.memory_efficient for l in layers)  # 3 blocks x 32 checkpointed layers
+
+
+def test_unknown_model():
+    with pytest.raises(UnknownModelError) as e: create_model('resnet19')
+    assert isinstance(e.value, ValueError)
+    msg = str(e.value)
+    assert "Did you mean 'resnet18'" in msg and all(n in msg for n in list_models())
+    assert 'wideresnet<depth>_<width>' in msg
+    assert not model_exists('resnet19') and model_exists('resnet18')
+
+
+def test_wide_resnet_by_name():
+    assert model_exists('wideresnet22_8') and 'wideresnet22_8' not in list_models()
+    assert count_params(meta_model('wideresnet22_8')) / 1e6 == pytest.approx(17.2, rel=0.01)  # WRN-22-8, paper
+    assert not model_exists('wideresnet27_10')
+    with pytest.raises(ValueError, match=r'6n\+4'): create_model('wideresnet27_10')
+
+
+def test_drop_rate_placement():
+    wrn = meta_model('wideresnet16_4', drop_rate=0.3)  # inside every block, none in the head
+    assert [b.drop.p for b in wrn.stages] == [0.3] * 6 and wrn.head.drop.p == 0
+    for name in ['resnet18', 'preact_resnet18', 'resnext29_8x64d', 'densenet121', 'efficient_densenet']:
+        m = meta_model(name, drop_rate=0.3)  # before the classifier, nowhere else
+        assert m.head.drop.p == 0.3
+        assert [d.p for d in m.modules() if isinstance(d, torch.nn.Dropout) and d.p] == [0.3]
+
+
+def test_init():
+    m = create_model('resnet18', zero_init_residual=True)
+    conv = m.layer2[0].conv1  # Kaiming normal, fan_out: std = sqrt(2 / (out_channels * k * k))
+    assert conv.weight.std().item() == pytest.approx((2 / (128 * 9)) ** 0.5, rel=0.05)
+    assert m.layer1[0].bn1.weight.eq(1).all() and m.layer1[0].bn1.bias.eq(0).all()
+    assert all(b.bn2.weight.eq(0).all() for layer in [m.layer1, m.layer4] for b in layer)
+    wrn = create_model('wideresnet16_4', zero_init_residual=True)  # pre-activation: the branch's last conv
+    assert all(b.conv2.weight.eq(0).all() for b in wrn.stages)
+    with torch.no_grad():
+        x = torch.randn(2, 64, 32, 32)
+        torch.testing.assert_close(wrn.stages[1](x), x)  # identity block at init
+    with pytest.raises(ValueError, match='no residual'): meta_model('densenet121', zero_init_residual=True)
+
+
+def check_forward_backward(name, memory_format=torch.contiguous_format):
+    torch.manual_seed(0)
+    m = create_model(name).to(memory_format=memory_format)
+    y = m(torch.randn(2, 3, 32, 32).to(memory_format=memory_format))
+    assert y.shape == (2, 100)
+    y.logsumexp(1).sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in m.parameters())
+
+
+@pytest.mark.parametrize('name', [*list_models(), 'wideresnet10_1'])
+def test_forward_backward(name): check_forward_backward(name)
+
+
+# one model per kind of block: torchvision's basic and grouped bottleneck, pre-activation basic and bottleneck,
+# the dense layer and its checkpointed version
+@pytest.mark.parametrize('name', ['resnet18', 'resnext29_8x64d', 'wideresnet16_4', 'preact_resnext29_8x64d',
+                                  'densenet121', 'efficient_densenet'])
+def test_channels_last(name): check_forward_backward(name, torch.channels_last)
+
+
+def test_model_table():
+    rows = model_table()
+    assert [r['name'] for r in rows] and sorted(r['name'] for r in rows) == list_models()
+    row = next(r for r in rows if r['name'] == 'resnet18')
+    assert row['family'] == 'resnet' and row['params'] == count_params(meta_model('resnet18'))
+    assert row['macs'] / 1e9 == pytest.approx(0.56, rel=0.02) and row['top1'] == 75.6
+    for r in rows:  # the recipe's range stays within a few points of the literature
+        assert r['expected'][0] < r['expected'][1]
+        if r['top1'] is not None: assert r['expected'][0] - 2 <= r['top1'] <= r['expected'][1]
+    plain, md = format_model_table(rows).splitlines(), format_model_table(rows, markdown=True).splitlines()
+    assert len(plain) == len(md) == len(rows) + 2
+    assert plain[0].split()[:2] == ['model', 'family'] and set(plain[1]) == {'-', ' '}
+    assert all(l.startswith('| ') and l.endswith(' |') for l in md) and md[1].startswith('| --- |')
+    assert set(model_table(published=False)[0]) == {'name', 'family', 'params', 'macs'}
+
+
+def test_count_macs_meta_equals_cpu():
+    m = create_model('wideresnet16_4').eval()
+    assert count_macs(m) == count_macs(meta_model('wideresnet16_4').eval())
+
+
+@pytest.mark.slow
+def test_compile():
+    torch.manual_seed(0)
+    m, x = create_model('wideresnet16_4', num_classes=10), torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(m)
+    y = compiled(x)
+    torch.testing.assert_close(y, m(x), rtol=1e-3, atol=1e-3)
+    y.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())

@@ -1,0 +1,132 @@
+"""Expert job arrays on a real Slurm (start one with `tools/slurm.sh start`): arrays that finish, a requeued task that
+resumes, a failing expert beside succeeding ones, and settings the cluster cannot satisfy. The tasks execute the real
+training notebook (tiny: the bundled `digits` images, `wideresnet10_1`, a few steps per epoch)."""
+import configparser, csv, os, shutil, subprocess, time
+from pathlib import Path
+
+import pytest
+
+from expert_lab.config import resolve_config
+from expert_lab.runs import read_json
+from expert_lab.slurm import SlurmError, slurm_state, slurm_states, submit_experts
+
+pytestmark = pytest.mark.slurm
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    "A Slurm that answers; skipped only where none is installed and EXPERT_LAB_REQUIRE_SLURM is unset."
+    if not shutil.which("sinfo"):
+        msg = "Slurm is not installed (no sinfo on PATH); start one with: tools/slurm.sh start"
+        if os.environ.get("EXPERT_LAB_REQUIRE_SLURM"): pytest.fail(msg + " (EXPERT_LAB_REQUIRE_SLURM is set)")
+        pytest.skip(msg)
+    r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=60)
+    if r.returncode or not r.stdout.strip():
+        pytest.fail(f"sinfo is installed but Slurm does not answer ({r.stderr.strip()}); run tools/slurm.sh start")
+
+
+@pytest.fixture
+def settings():
+    "Small tasks on the local test cluster's partition."
+    cp = configparser.ConfigParser()
+    cp.read_dict({"slurm": dict(partition="debug", time_min="10", gpus_per_task="0", cpus_per_task="1", mem_gb="1")})
+    return cp
+
+
+def experts(tmp_path, n, epochs, steps=2, **kw):
+    "n tiny experts of one partition, with run folders under tmp_path/runs; `kw` changes every expert."
+    args = dict(dataset="digits", model="wideresnet10_1", n_experts=n, epochs=epochs, steps_per_epoch=steps, batch_size=32,
+                device="cpu", runs_dir=str(tmp_path/"runs")) | kw
+    return [resolve_config({**args, "expert_id": k}, env={}, settings=configparser.ConfigParser()) for k in range(n)]
+
+
+def wait_done(job_ids, timeout=120):
+    "Poll sacct until every job is in a final state; return {job_id: state}."
+    end = time.time() + timeout
+    while time.time() < end:
+        states = slurm_states(job_ids)
+        if all(s in TERMINAL for s in states.values()): return states
+        time.sleep(1)
+    raise AssertionError(f"jobs not finished after {timeout}s: {states}")
+
+
+def history_epochs(run_dir):
+    with open(Path(run_dir)/"history.csv") as f: return [int(r["epoch"]) for r in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_array_of_experts_all_finish(slurm, settings, tmp_path):
+    t0 = time.time()
+    jobs = submit_experts(experts(tmp_path, 2, epochs=2), settings)
+    assert time.time() - t0 < 15, "submitting must return at once, not wait for the jobs"
+    assert set(slurm_states([j for j, _ in jobs]).values()) <= {"PENDING", "RUNNING", "COMPLETED"}  # known at once
+    assert len({j.split("_")[0] for j, _ in jobs}) == 1 and [j.split("_")[1] for j, _ in jobs] == ["0", "1"], jobs
+    assert [d.parent.name for _, d in jobs] == ["expert-0", "expert-1"]
+    assert wait_done([j for j, _ in jobs], timeout=240) == {j: "COMPLETED" for j, _ in jobs}
+    for job_id, d in jobs:
+        rec, metrics = read_json(d/"slurm.json"), read_json(d/"metrics.json")
+        assert rec["job_id"] == job_id and rec["restarts"] == 0 and [s["job_id"] for s in rec["starts"]] == [job_id]
+        assert rec["resources"]["partition"] == "debug"
+        assert Path(rec["stdout"]).is_relative_to(tmp_path/"runs"/"slurm-logs") and Path(rec["stdout"]).exists()
+        assert metrics["status"] == "completed" and metrics["epochs_done"] == 2 and metrics["test_acc"] is not None
+        assert metrics["provenance"]["slurm_job_id"] == job_id.split("_")[0]  # the notebook ran inside the Slurm task
+        assert history_epochs(d) == [1, 2] and (d/"report.html").exists()
+    assert slurm_state(jobs[0][0]) == "COMPLETED"
+
+
+@pytest.mark.slow
+def test_requeued_task_resumes_in_its_run_folder(slurm, settings, tmp_path):
+    epochs = 4  # requeued after epoch 1: three epochs are left, far more than the few seconds a stop takes
+    [(job_id, d)] = submit_experts(experts(tmp_path, 1, epochs=epochs, steps=3), settings)
+    history, end = d/"history.csv", time.time() + 180
+    while not (history.exists() and history_epochs(d)):  # history.csv gets its first row after last.pt is written
+        assert time.time() < end, f"no epoch finished after 180 s; job {job_id} is {slurm_state(job_id)}"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    assert wait_done([job_id], timeout=300) == {job_id: "COMPLETED"}
+    rec, metrics = read_json(d/"slurm.json"), read_json(d/"metrics.json")
+    assert rec["restarts"] == 1 and [s["restart_count"] for s in rec["starts"]] == [0, 1]
+    assert metrics["status"] == "completed" and metrics["epochs_done"] == epochs
+    assert metrics["resumed_from_epoch"] >= 1 and metrics["restarts"] == 1  # continued from last.pt, not from scratch
+    assert history_epochs(d) == list(range(1, epochs + 1))  # one continuous history, no epoch twice
+    assert (d/"previous"/"report-1.ipynb").exists()  # the interrupted attempt's report is kept
+
+
+@pytest.mark.slow
+def test_failing_expert_fails_its_job_only(slurm, settings, tmp_path):
+    cfgs = experts(tmp_path, 3, epochs=1)
+    cfgs[1] = experts(tmp_path, 3, epochs=1, dataset="folder", data_root=str(tmp_path/"no-such-dataset"))[1]
+    jobs = submit_experts(cfgs, settings)
+    states = wait_done([j for j, _ in jobs], timeout=240)
+    assert [states[j] for j, _ in jobs] == ["COMPLETED", "FAILED", "COMPLETED"]
+    assert [read_json(d/"metrics.json")["status"] for _, d in jobs] == ["completed", "failed", "completed"]
+    assert "no-such-dataset" in read_json(jobs[1][1]/"metrics.json")["error"]
+    assert (jobs[1][1]/"report.html").exists()  # the failed report is in its run folder
+    assert "RunFailed" in Path(read_json(jobs[1][1]/"slurm.json")["stderr"]).read_text()
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(partition="nope"), "partition: 'nope' is not a partition of this cluster; choose one of debug"),
+    (dict(mem_gb=100_000), "mem_gb: 100000 GB is more than the largest node of partition 'debug' has"),
+    (dict(cpus_per_task=1000), "cpus_per_task: 1000 is more than the largest node"),
+    (dict(gpus_per_task=1), "gpus_per_task: 1 is more than the largest node of partition 'debug' has (0)"),
+    (dict(time_min=0), "time_min: must be > 0, got 0"),
+])
+def test_bad_settings_rejected_before_submission(slurm, settings, tmp_path, override, message):
+    with pytest.raises(SlurmError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        submit_experts(experts(tmp_path, 2, epochs=1), settings, **override)
+    assert not (tmp_path/"runs").exists()  # no run folder, no log folder: nothing reached sbatch
+
+
+def test_sbatch_refusal_leaves_no_run_folders(slurm, settings, tmp_path):
+    with pytest.raises(SlurmError, match="sbatch refused the array"):
+        submit_experts(experts(tmp_path, 2, epochs=1), settings, constraint="no-such-feature")
+    runs = tmp_path/"runs"
+    assert list(runs.glob("*/*/expert-*/*")) == [] and list(runs.glob("slurm-logs/*")) == []  # no run or log folder left
+    assert [p for p in runs.rglob("*") if p.is_file()] == []
+
+
+def test_unknown_job_state(slurm):
+    assert slurm_state("999999_0") == "UNKNOWN"
