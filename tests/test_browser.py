@@ -1,15 +1,19 @@
-"""The notebooks as a user meets them: JupyterLab in a real (headless) Chromium.
+"""The notebooks as a user meets them: JupyterLab, and a real (headless) Chromium.
 
-`test_expert_lab_lab` checks the `expert-lab lab` command itself (no browser needed). The browser test, in three acts, on a throw-away copy of nbs/ (JupyterLab autosaves, and the source notebooks must stay clean):
-1. start JupyterLab exactly as `expert-lab lab` does (`expert_lab.lab.lab_command`), on loopback, with a known token;
+`test_expert_lab_lab` checks the `expert-lab lab` command itself (no browser needed): the printed URL works, the
+project root is served, / goes to nbs/, `expert-lab` is the default kernel, and Ctrl-C stops it cleanly.
+
+`test_train_notebook_and_report_in_chromium`, in three acts, on a throw-away copy of nbs/ (JupyterLab saves and
+autosaves what it runs, and the source notebooks must stay clean):
+1. start JupyterLab as `expert-lab lab` does (`expert_lab.lab.lab_command`), on loopback, with a known token;
 2. open nbs/train_expert.ipynb, check it runs on the `expert-lab` kernel, Run All, wait, and check that every plot the
    kernel sent is drawn and that no cell failed;
 3. make a run report with `expert-lab train` and check that report.html draws its plots in the browser.
-Runs go to a temporary runs folder (EXPERT_LAB_RUNS_DIR, which the kernels inherit from the server).
-Screenshots land in tests/artifacts/ (git-ignored); their paths are printed (pytest -s, or -rA shows them).
+Runs go to temporary runs folders (EXPERT_LAB_RUNS_DIR, which the kernels inherit from the server; --runs-dir).
+Screenshots land in tests/artifacts/ (git-ignored), failure.png too when it fails; their paths are printed (-s or -rA).
 
-Needs Debian's chromium and the `playwright` package (bash tools/browser-setup.sh). Without them the test is skipped,
-unless EXPERT_LAB_REQUIRE_BROWSER=1 (tools/test.sh sets it after running the set-up), when it fails instead.
+Needs Debian's chromium and the `playwright` package (bash tools/browser-setup.sh). Without them the browser test is
+skipped, unless EXPERT_LAB_REQUIRE_BROWSER=1 (tools/test.sh sets it after running the set-up): then it fails.
 """
 from __future__ import annotations
 import json, os, secrets, shutil, signal, socket, subprocess, sys, time, urllib.request
@@ -21,7 +25,6 @@ import pytest
 
 from expert_lab.config import project_root
 from expert_lab.lab import KERNEL_NAME, lab_command
-
 
 ROOT = project_root()
 ARTIFACTS = Path(__file__).parent/"artifacts"
