@@ -88,7 +88,9 @@ def main(argv=None):
     p.add_argument('--workers', type=int, default=2, help='DataLoader workers for torchvision')
     p.add_argument('--device', default='cpu', help='where expert-lab keeps the data and augments (cpu, cuda)')
     p.add_argument('--no-compile', action='store_true', help='skip the torch.compile rows')
+    p.add_argument('--threads', type=int, default=None, help='torch threads for expert-lab (default: torch\'s choice)')
     a = p.parse_args(argv)
+    if a.threads: torch.set_num_threads(a.threads)
     print(f'torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, device {a.device}')
 
     rss0 = rss_mb()
@@ -97,6 +99,11 @@ def main(argv=None):
     x_test = torch.randint(0, 256, (10_000, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 100, (50_000,), generator=g)
     rss_data = rss_mb()
+    # memory first, before torchvision and the compiler load their own code
+    dl = DeviceLoader(x, y, 128, device=a.device, transform=TrainAugment(MEAN, STD))
+    for _ in dl: pass  # a whole epoch of augmentation
+    rss_epoch = rss_mb()
+    del dl
     x_hwc = x.permute(0, 2, 3, 1).contiguous().numpy()  # the layout PIL wants; only the torchvision rows use it
 
     rows, compile_s = [], {}
@@ -114,19 +121,14 @@ def main(argv=None):
             mixed = ours_rate(x, y, bs, a.seconds, a.device, aug, mix=True)
             rows.append(('  ... + mixup (soft targets)', path, bs, mixed, mixed / tv))
 
-    del x_hwc
-    dl = DeviceLoader(x, y, 128, device=a.device, transform=TrainAugment(MEAN, STD))
-    for _ in dl: pass  # a whole epoch of augmentation
-    rss_epoch = rss_mb()
-
     print(f"\n{'pipeline':30} {'path':24} {'batch':>5} {'img/s':>10} {'vs torchvision':>15}")
     for name, path, bs, rate, ratio in rows:
         print(f'{name:30} {path:24} {bs:5d} {rate:10,.0f} {ratio:14.1f}x')
     if compile_s: print('\ncompile time (first call, not counted above): ' + ', '.join(f'batch {b}: {s:.1f} s' for b, s in compile_s.items()))
     data_mb = (x.nbytes + x_test.nbytes + y.nbytes) / 1e6
     print(f'\nmemory: CIFAR-100-sized data (50,000 train + 10,000 test uint8 images, labels) = {data_mb:.0f} MB; '
-          f'process RSS grew {rss_data - rss0:.0f} MB when it was made; after building the loader and one augmented '
-          f'epoch the RSS is {rss_epoch - rss0:.0f} MB above the start (a float32 copy of the images alone would be '
+          f'the process grew {rss_data - rss0:.0f} MB when it was made, and {rss_epoch - rss_data:.0f} MB more after a '
+          f'DeviceLoader went through one augmented epoch of it (a float32 copy of the images would be '
           f'{4 * (x.nbytes + x_test.nbytes) / 1e6:.0f} MB).')
     if torch.device(a.device).type == 'cuda':
         print(f'GPU memory allocated at peak: {torch.cuda.max_memory_allocated() / 1e6:.0f} MB')

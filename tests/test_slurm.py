@@ -35,6 +35,18 @@ def settings():
     return cp
 
 
+@pytest.fixture
+def submit():
+    "`submit_experts`, cancelling at teardown whatever a failed test left queued or running."
+    ids = []
+    def _submit(*args, **kw):
+        jobs = submit_experts(*args, **kw)
+        ids.extend(j for j, _ in jobs)
+        return jobs
+    yield _submit
+    if left := [j for j, s in slurm_states(ids).items() if s not in TERMINAL]: subprocess.run(["scancel", *left], timeout=60)
+
+
 def experts(tmp_path, n, epochs, steps=2, **kw):
     "n tiny experts of one partition, with run folders under tmp_path/runs; `kw` changes every expert."
     args = dict(dataset="digits", model="wideresnet10_1", n_experts=n, epochs=epochs, steps_per_epoch=steps, batch_size=32,
@@ -57,9 +69,9 @@ def history_epochs(run_dir):
 
 
 @pytest.mark.slow
-def test_array_of_experts_all_finish(slurm, settings, tmp_path):
+def test_array_of_experts_all_finish(slurm, settings, submit, tmp_path):
     t0 = time.time()
-    jobs = submit_experts(experts(tmp_path, 2, epochs=2), settings)
+    jobs = submit(experts(tmp_path, 2, epochs=2), settings)
     assert time.time() - t0 < 15, "submitting must return at once, not wait for the jobs"
     assert set(slurm_states([j for j, _ in jobs]).values()) <= {"PENDING", "RUNNING", "COMPLETED"}  # known at once
     assert len({j.split("_")[0] for j, _ in jobs}) == 1 and [j.split("_")[1] for j, _ in jobs] == ["0", "1"], jobs
@@ -77,9 +89,9 @@ def test_array_of_experts_all_finish(slurm, settings, tmp_path):
 
 
 @pytest.mark.slow
-def test_requeued_task_resumes_in_its_run_folder(slurm, settings, tmp_path):
+def test_requeued_task_resumes_in_its_run_folder(slurm, settings, submit, tmp_path):
     epochs = 4  # requeued after epoch 1: three epochs are left, far more than the few seconds a stop takes
-    [(job_id, d)] = submit_experts(experts(tmp_path, 1, epochs=epochs, steps=3), settings)
+    [(job_id, d)] = submit(experts(tmp_path, 1, epochs=epochs, steps=3), settings)
     history, end = d/"history.csv", time.time() + 180
     while not (history.exists() and history_epochs(d)):  # history.csv gets its first row after last.pt is written
         assert time.time() < end, f"no epoch finished after 180 s; job {job_id} is {slurm_state(job_id)}"
@@ -95,10 +107,10 @@ def test_requeued_task_resumes_in_its_run_folder(slurm, settings, tmp_path):
 
 
 @pytest.mark.slow
-def test_failing_expert_fails_its_job_only(slurm, settings, tmp_path):
+def test_failing_expert_fails_its_job_only(slurm, settings, submit, tmp_path):
     cfgs = experts(tmp_path, 3, epochs=1)
     cfgs[1] = experts(tmp_path, 3, epochs=1, dataset="folder", data_root=str(tmp_path/"no-such-dataset"))[1]
-    jobs = submit_experts(cfgs, settings)
+    jobs = submit(cfgs, settings)
     states = wait_done([j for j, _ in jobs], timeout=240)
     assert [states[j] for j, _ in jobs] == ["COMPLETED", "FAILED", "COMPLETED"]
     assert [read_json(d/"metrics.json")["status"] for _, d in jobs] == ["completed", "failed", "completed"]
