@@ -29,7 +29,7 @@ from expert_lab.models import create_model
 from expert_lab.train import ExpertData, setup_training, train_epoch
 
 EPOCH_IMAGES = 50_000
-DEFAULT_MODELS = "resnet18,wideresnet16_4,wideresnet28_10"
+DEFAULT_MODELS = "resnet18,wideresnet28_10"
 
 
 def sync(device):

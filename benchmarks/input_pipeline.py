@@ -1,7 +1,8 @@
 """Input-pipeline throughput: expert-lab's device-resident loader and batched augmentation against torchvision.
 
     .venv/bin/python benchmarks/input_pipeline.py                 # CPU, batch 128 and 512, ~2 minutes
-    .venv/bin/python benchmarks/input_pipeline.py --seconds 2 --batch-sizes 128
+    .venv/bin/python benchmarks/input_pipeline.py --seconds 2 --batch-sizes 128 --threads 1
+    .venv/bin/python benchmarks/input_pipeline.py --device cuda      # on a GPU machine
 
 Both pipelines read the same CIFAR-sized uint8 array (50,000 random 32x32 RGB images) and produce normalized float
 batches with random crop (padding 4), horizontal flip and random erasing (p=0.25), random draws included:
@@ -9,7 +10,9 @@ batches with random crop (padding 4), horizontal flip and random erasing (p=0.25
 * torchvision: RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize, RandomErasing(0.25) per image,
   through a DataLoader with 2 workers (PIL images made from the array, as torchvision's CIFAR datasets do);
 * expert-lab: DeviceLoader (uint8 data on the device, batches gathered by index) with TrainAugment, eager and
-  compiled (torch.compile; its compile time is reported separately and not counted).
+  compiled (torch.compile; its compile time is reported separately and not counted), with 1 and with 2 torch
+  threads (on a machine shared with other work, 1 thread often wins: a 2-thread kernel waits for both cores);
+  and, for information, the compiled path followed by mixup with soft targets (which torchvision's row does not do).
 
 It prints one table (images/second and the ratio to torchvision at the same batch size) and the memory that holding
 CIFAR-100-sized data costs. The machine may be shared: figures vary from run to run.
@@ -88,9 +91,10 @@ def main(argv=None):
     p.add_argument('--workers', type=int, default=2, help='DataLoader workers for torchvision')
     p.add_argument('--device', default='cpu', help='where expert-lab keeps the data and augments (cpu, cuda)')
     p.add_argument('--no-compile', action='store_true', help='skip the torch.compile rows')
-    p.add_argument('--threads', type=int, default=None, help='torch threads for expert-lab (default: torch\'s choice)')
+    p.add_argument('--threads', type=int, nargs='+', default=[1, 2],
+                   help='torch threads for expert-lab, one set of rows each (on a busy machine 1 is often faster)')
     a = p.parse_args(argv)
-    if a.threads: torch.set_num_threads(a.threads)
+    threads0 = torch.get_num_threads()
     print(f'torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, device {a.device}')
 
     rss0 = rss_mb()
@@ -100,6 +104,7 @@ def main(argv=None):
     y = torch.randint(0, 100, (50_000,), generator=g)
     rss_data = rss_mb()
     # memory first, before torchvision and the compiler load their own code
+    torch.set_num_threads(min(a.threads))
     dl = DeviceLoader(x, y, 128, device=a.device, transform=TrainAugment(MEAN, STD))
     for _ in dl: pass  # a whole epoch of augmentation
     rss_epoch = rss_mb()
@@ -109,22 +114,26 @@ def main(argv=None):
     rows, compile_s = [], {}
     for bs in a.batch_sizes:
         tv = torchvision_rate(x_hwc, y.numpy(), bs, a.seconds, a.workers)
-        rows.append(('torchvision + DataLoader', f'{a.workers} workers', bs, tv, 1.0))
-        eager = ours_rate(x, y, bs, a.seconds, a.device, TrainAugment(MEAN, STD))
-        rows.append(('DeviceLoader + TrainAugment', 'eager', bs, eager, eager / tv))
-        if not a.no_compile:
+        rows.append(('torchvision + DataLoader', f'{a.workers} worker processes', bs, tv, 1.0))
+        for th in a.threads:
+            torch.set_num_threads(th)
+            eager = ours_rate(x, y, bs, a.seconds, a.device, TrainAugment(MEAN, STD))
+            rows.append(('DeviceLoader + TrainAugment', f'eager, {th} thread(s)', bs, eager, eager / tv))
+            if a.no_compile: continue
+            torch._dynamo.reset()  # compiled kernels are specialised to the thread count
             aug = TrainAugment(MEAN, STD, compile=True)
-            compile_s[bs] = warm_compile(aug, x, bs, a.device)
-            path = 'torch.compile' if aug._compiled is not None else 'eager (compile failed)'
+            compile_s[bs, th] = warm_compile(aug, x, bs, a.device)
+            path = f"{'torch.compile' if aug._compiled is not None else 'eager (compile failed)'}, {th} thread(s)"
             comp = ours_rate(x, y, bs, a.seconds, a.device, aug)
             rows.append(('DeviceLoader + TrainAugment', path, bs, comp, comp / tv))
             mixed = ours_rate(x, y, bs, a.seconds, a.device, aug, mix=True)
             rows.append(('  ... + mixup (soft targets)', path, bs, mixed, mixed / tv))
+    torch.set_num_threads(threads0)
 
-    print(f"\n{'pipeline':30} {'path':24} {'batch':>5} {'img/s':>10} {'vs torchvision':>15}")
+    print(f"\n{'pipeline':30} {'path':32} {'batch':>5} {'img/s':>10} {'vs torchvision':>15}")
     for name, path, bs, rate, ratio in rows:
-        print(f'{name:30} {path:24} {bs:5d} {rate:10,.0f} {ratio:14.1f}x')
-    if compile_s: print('\ncompile time (first call, not counted above): ' + ', '.join(f'batch {b}: {s:.1f} s' for b, s in compile_s.items()))
+        print(f'{name:30} {path:32} {bs:5d} {rate:10,.0f} {ratio:14.1f}x')
+    if compile_s: print('\ncompile time (first call, not counted above): ' + ', '.join(f'batch {b}/{t} thread(s): {s:.1f} s' for (b, t), s in compile_s.items()))
     data_mb = (x.nbytes + x_test.nbytes + y.nbytes) / 1e6
     print(f'\nmemory: CIFAR-100-sized data (50,000 train + 10,000 test uint8 images, labels) = {data_mb:.0f} MB; '
           f'the process grew {rss_data - rss0:.0f} MB when it was made, and {rss_epoch - rss_data:.0f} MB more after a '
@@ -132,8 +141,10 @@ def main(argv=None):
           f'{4 * (x.nbytes + x_test.nbytes) / 1e6:.0f} MB).')
     if torch.device(a.device).type == 'cuda':
         print(f'GPU memory allocated at peak: {torch.cuda.max_memory_allocated() / 1e6:.0f} MB')
-    b128 = [r for r in rows if r[2] == 128 and r[1] == 'torch.compile']
-    if b128: print(f'\ngoal: at least 40x at batch 128 -> {b128[0][4]:.1f}x ({"met" if b128[0][4] >= 40 else "NOT met"})')
+    b128 = [r for r in rows if r[2] == 128 and r[1].startswith('torch.compile') and not r[0].startswith(' ')]
+    if b128:
+        best = max(b128, key=lambda r: r[4])
+        print(f'\ngoal: at least 40x at batch 128 -> {best[4]:.1f}x with {best[1]} ({"met" if best[4] >= 40 else "NOT met"})')
 
 
 if __name__ == '__main__':

@@ -298,6 +298,16 @@ def test_progress_in_notebooks_redraws_a_few_times_per_epoch():
     assert text.count("\r") <= 3*8 and "\x1b[A" not in text and text.count("\n") == 3
 
 
+@pytest.mark.slow
+def test_compiled_run_resumes_uncompiled(tmp_path):
+    cfg = tiny(epochs=1, steps_per_epoch=2, compile=True)
+    r = train(cfg, run_dir=tmp_path, progress="none")
+    assert r.metrics["status"] == "completed"
+    assert not any("_orig_mod" in k for k in load_checkpoint(tmp_path/"checkpoints"/"last.pt")["model"])
+    r2 = train(replace(cfg, compile=False, epochs=2), run_dir=tmp_path, progress="none")
+    assert (r2.metrics["status"], r2.metrics["resumed_from_epoch"], r2.metrics["epochs_done"]) == ("completed", 1, 2)
+
+
 # --- evidence that it learns
 @pytest.mark.slow
 def test_digits_reaches_95_percent_test_accuracy():
@@ -334,7 +344,7 @@ json.dump(dict(metrics=r.metrics, history=r.history), open(sys.argv[3], "w"))
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     (tmp_path/"runner.py").write_text(RUNNER)
-    cfg = json.dumps(asdict(tiny(epochs=4, steps_per_epoch=30, ema=True, min_epochs=1, patience=100)))
+    cfg = json.dumps(asdict(tiny(epochs=4, steps_per_epoch=40, ema=True, min_epochs=1, patience=100)))
     run = lambda d, out: [PY, str(tmp_path/"runner.py"), cfg, str(tmp_path/d), str(tmp_path/out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run(run("ref", "ref.json"), check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
@@ -343,7 +353,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     while time.time() < deadline and victim.poll() is None:
         if last.exists() and load_checkpoint(last)["epoch"] >= 1: break
         time.sleep(0.02)
-    time.sleep(0.3)  # well into epoch 2's 30 steps
+    time.sleep(0.15)  # into epoch 2 (40 steps of about 25 ms each)
     victim.send_signal(signal.SIGKILL); victim.wait()
     assert victim.returncode == -signal.SIGKILL and not (tmp_path/"victim.json").exists()
     assert load_checkpoint(last)["epoch"] == 1  # killed during epoch 2
@@ -371,4 +381,4 @@ def test_loop_overhead_benchmark_runs():
     out = subprocess.run([PY, "benchmarks/loop_overhead.py", "--epochs", "1", "--repeats", "1"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert "ratio engine/plain:" in out.stdout and "same test accuracy (same batches, same arithmetic): yes" in out.stdout
+    assert "ratio engine/plain:" in out.stdout and "same test accuracy and loss (same batches, same arithmetic): yes" in out.stdout
