@@ -18,6 +18,7 @@ from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,9 +45,10 @@ def plain_loop(cfg: TrainConfig) -> tuple[float, float]:
     gen = torch.Generator()
     for epoch in range(cfg.epochs):
         model.train(); loader.set_epoch(epoch); gen.manual_seed(_epoch_seed(cfg.seed, epoch))
-        for xb, yb in islice(loader, steps):
+        for i, (xb, yb) in enumerate(islice(loader, steps)):
             x = augment(xb, generator=gen)
-            x, t = mix_batch(x, soft_targets(yb, C, cfg.label_smoothing), cfg.mixup_alpha, cfg.cutmix_alpha, generator=gen)
+            x, t = mix_batch(x, soft_targets(yb, C, cfg.label_smoothing), cfg.mixup_alpha, cfg.cutmix_alpha, generator=gen,
+                             rng=np.random.default_rng((cfg.seed, epoch, i)))
             loss = -(t*F.log_softmax(model(x).float(), -1)).sum(-1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

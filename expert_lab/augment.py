@@ -173,13 +173,15 @@ def mix_batch(x:torch.Tensor, # float images [B,C,H,W]
               mixup_alpha:float=0.2, # Beta(alpha, alpha) for mixup; 0 turns mixup off
               cutmix_alpha:float=0.0, # Beta(alpha, alpha) for cutmix; 0 turns cutmix off
               generator:torch.Generator|None=None, # on x's device; None uses torch's global RNG
+              rng:np.random.Generator|None=None, # host RNG for the mixing weight and box; None derives one from `generator`
              ) -> tuple: # (mixed x, mixed targets)
     "Mixup or cutmix a batch with a seeded permutation of itself, mixing the soft targets alike."
     if mixup_alpha < 0 or cutmix_alpha < 0: raise ValueError(f'mixup_alpha={mixup_alpha!r}, cutmix_alpha={cutmix_alpha!r}: use values >= 0 (0 turns one off).')
     if mixup_alpha == 0 and cutmix_alpha == 0: return x, targets_soft
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x.device))
+    # lam and the box are host numbers; reading a seed from a CUDA generator would stall the GPU queue every step,
+    # so the training loop passes a host `rng` and only the permutation is drawn on the device
+    if rng is None: rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator, device=x.device)))
     perm = torch.randperm(len(x), generator=generator, device=x.device)
-    rng = np.random.default_rng(seed)
     cut = cutmix_alpha > 0 and (mixup_alpha == 0 or rng.random() < 0.5)
     lam = float(rng.beta(*(2*(cutmix_alpha if cut else mixup_alpha,))))
     if cut:

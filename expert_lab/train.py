@@ -11,6 +11,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -456,7 +457,9 @@ def train_epoch(st:TrainState, # the run's state, updated in place
         if i < st.step: continue  # trained on before the interrupt
         if stop is not None and stop.requested: break
         x = st.augment(xb, generator=st.gen)
-        x, t = mix_batch(x, soft_targets(yb, C, cfg.label_smoothing), cfg.mixup_alpha, cfg.cutmix_alpha, generator=st.gen)
+        # the host draws of mixup get a per-step RNG: no device sync, and a resumed epoch replays them exactly
+        x, t = mix_batch(x, soft_targets(yb, C, cfg.label_smoothing), cfg.mixup_alpha, cfg.cutmix_alpha, generator=st.gen,
+                         rng=np.random.default_rng((cfg.seed, st.epoch, i)))
         if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
         with st.autocast(): logits = st.net(x)
         loss = soft_cross_entropy(logits, t)
@@ -639,7 +642,8 @@ def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
         if val is None: out.write("no validation set (val_size=0): early stopping is off; the final weights are evaluated")
         if saved is not None:
             st.load_state_dict(saved); st.best_state = best_state; st.restarts += 1
-            if st.stop_reason == "epochs_done" and st.epoch < cfg.epochs: st.stop_reason = None  # more epochs asked for
+            # an interrupted run (Ctrl-C, Slurm preemption or requeue) goes on; so does a finished one asked for more epochs
+            if st.stop_reason == "interrupt" or (st.stop_reason == "epochs_done" and st.epoch < cfg.epochs): st.stop_reason = None
             out.write(f"resumed from {ckpt_dir/'last.pt'} after epoch {st.epoch}" + (f", step {st.step}" if st.step else "")
                       + (f"; the run had already finished ({st.stop_reason})" if st.stop_reason else ""))
             if st.best_val_acc is not None and best_state is None:

@@ -13,9 +13,21 @@ import jupytext
 KERNELSPEC = {"display_name": "expert-lab", "language": "python", "name": "expert-lab"}
 
 
+def _keep_ids(nb, old):
+    "Reuse the old notebook's cell ids (same source first, else same position) so exports don't churn."
+    by_src = {}
+    for c in old.cells: by_src.setdefault(c.source, c.id)
+    used = set()
+    for c in nb.cells:
+        if by_src.get(c.source) not in (None, *used): c.id = by_src[c.source]; used.add(c.id)
+    for i, c in enumerate(nb.cells):
+        if c.id not in used and i < len(old.cells) and old.cells[i].id not in used: c.id = old.cells[i].id; used.add(c.id)
+
+
 def to_notebook(src: Path, dst: Path):
     nb = jupytext.read(src, fmt="py:percent")
     nb.metadata = {"kernelspec": KERNELSPEC}
+    if dst.exists(): _keep_ids(nb, jupytext.read(dst))
     jupytext.write(nb, dst, fmt="ipynb")
     subprocess.run([str(Path(sys.executable).with_name("nbdev-clean")), "--fname", str(dst)], check=True)
 
