@@ -70,9 +70,9 @@ def main():
     with tempfile.TemporaryDirectory(prefix="papermill-overhead-") as tmp:
         runs = Path(tmp)
         epochs = a.epochs
-        if not epochs:  # calibrate on one epoch (it includes one-off warm-up, so the runs come out a little short)
-            cfg, _ = config(runs/"calibrate", a.model, 1, a.batch_size)
-            per_epoch = train(cfg, run_dir=None, progress="none").history[-1]["seconds"]
+        if not epochs:  # calibrate on the fastest of three epochs: the first warms up, and a neighbour's job only slows one down
+            cfg, _ = config(runs/"calibrate", a.model, 3, a.batch_size)
+            per_epoch = min(h["seconds"] for h in train(cfg, run_dir=None, progress="none").history)
             epochs = max(1, math.ceil(a.seconds/per_epoch))
             print(f"calibration: {per_epoch:.2f} s per epoch of {a.model} on digits (batch {a.batch_size}) -> {epochs} epochs")
         cfg, sources = config(runs, a.model, epochs, a.batch_size)
@@ -97,7 +97,8 @@ def main():
     fixed = (pm - mean("papermill", "epochs_s")) - (ip - mean("in-process", "epochs_s"))
     print(f"\npapermill, wall time:  {pm - ip:+.1f} s on {ip:.1f} s = {pm/ip - 1:+.1%}")
     print(f"papermill, fixed cost: {fixed:+.1f} s on {ip:.1f} s = {fixed/ip:+.1%} (goal: at most {GOAL:.0%}: "
-          f"{'met' if fixed/ip <= GOAL else 'NOT met'})")
+          f"{'met' if fixed/ip <= GOAL else 'NOT met'}); on a 60 s run it would be {fixed/60:+.1%}, "
+          f"within the goal from {fixed/GOAL:.0f} s of training")
     if len({round(r['test_acc'], 6) for r in rows}) > 1: print("note: the test accuracies differ between runs")
 
 

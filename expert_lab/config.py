@@ -166,7 +166,7 @@ def settings_values(cp:configparser.ConfigParser # parsed site settings
 
 # %% ../nbs/00_config.ipynb #d2b67591
 SEED_ENV = {"MODEL_TYPE": "model", "EXPERT_ID": "expert_id", "EPOCHS": "epochs"}
-_ENV_NOT_KEYS = {"SETTINGS", "ROOT"}
+_ENV_NOT_KEYS = {"SETTINGS", "ROOT", "FAST", "REQUIRE_SLURM", "REQUIRE_BROWSER", "CHROMIUM"}
 
 def env_values(env:Mapping # environment, usually `os.environ`
               )->dict:

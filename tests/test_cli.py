@@ -128,10 +128,14 @@ def test_seed_environment_variables(tmp_path):
     assert files_under(tmp_path/"runs") == []
 
 
-def test_no_wandb_both_spellings(tmp_path):
-    for flag in ("--no_wandb", "--no-wandb"):
-        assert config_rows(cli(tmp_path, "config", "--wandb", flag).stdout)["wandb"] == ("False", "arg")
-    assert config_rows(cli(tmp_path, "config", "--wandb").stdout)["wandb"] == ("True", "arg")
+def test_no_wandb_both_spellings(tmp_path, monkeypatch, capsys):
+    from expert_lab.cli import main
+    for k in list(os.environ): monkeypatch.delenv(k) if k in _CONFIG_ENV or k.startswith("EXPERT_LAB_") else None
+    for k, v in clean_env(tmp_path).items(): monkeypatch.setenv(k, v)
+    for args, want in ((("--wandb", "--no_wandb"), "False"), (("--wandb", "--no-wandb"), "False"), (("--wandb",), "True"),
+                       (("--wandb", "false"), "False"), (("--wandb=yes",), "True")):
+        assert main(["config", *args]) == 0
+        assert config_rows(capsys.readouterr().out)["wandb"] == (want, "arg"), args
 
 
 def test_papermill_lists_the_runbook_parameters():

@@ -76,7 +76,7 @@ def register_resolver(pattern:str, # how the names look, e.g. 'wideresnet<depth>
 # %% ../../nbs/04_models.ipynb #d0c8bc87
 def list_models(filter:str='*') -> list[str]:
     "Registered model names, sorted, optionally narrowed by a shell-style pattern such as 'resnet*'."
-    return sorted(fnmatch.filter(_models, filter))
+    return sorted(n for n in fnmatch.filter(_models, filter) if not n.startswith('_'))  # `_name`s are tests' own models
 
 def model_card(name:str) -> ModelCard:
     "The card for `name`: a registered name, or one a parametric family recognises."
