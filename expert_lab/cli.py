@@ -91,7 +91,7 @@ def _assign_gpus(jobs):
 
 def cmd_train(ns):
     "Train the chosen experts through the papermill notebook."
-    from expert_lab.runs import run_expert, RunFailed, new_run_dir, format_runs, list_runs, write_group_summary
+    from expert_lab.runs import run_expert, RunFailed, new_run_dir, read_json, write_group_summary
     jobs = resolve_experts(_config_args(ns, skip=("expert_id",)), ns.expert_id)
     if ns.parallel < 1: raise ConfigError(f"parallel: must be >= 1, got {ns.parallel}")
     ensure_data(jobs[0][0])
@@ -110,7 +110,7 @@ def cmd_train(ns):
         d = new_run_dir(cfg)
         print(f"expert {cfg.expert_id}: {d}", file=sys.stderr, flush=True)
         try: return run_expert(cfg, src, d, log_output=ns.parallel == 1)
-        except RunFailed as e: return {"status": "failed", "error": e.reason, "path": str(e.run_dir)}
+        except RunFailed as e: return {**read_json(e.run_dir/"metrics.json", {}), "status": "failed", "error": e.reason, "path": str(e.run_dir)}
     with ThreadPoolExecutor(ns.parallel) as pool: recs = list(pool.map(one, jobs))
     failed = [r for r in recs if r.get("status") != "completed"]
     if len(jobs) > 1: print(write_group_summary(jobs[0][0], recs))

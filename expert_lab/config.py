@@ -228,6 +228,8 @@ def check_names(cfg:TrainConfig # a fully resolved config
         raise ConfigError(f"partition: {cfg.partition!r} is not one of {', '.join(PARTITIONS)}{_nearest(cfg.partition, PARTITIONS)}")
     try: check_partition(cfg.partition, cfg.n_experts, alpha=cfg.dirichlet_alpha, has_coarse=cfg.dataset == "cifar100")
     except ValueError as e: raise ConfigError(f"partition: {e}") from None
+    from expert_lab.tracking import check_tracking
+    check_tracking(cfg)
 
 # %% ../nbs/00_config.ipynb #9eee7ae3
 _PATH_KEYS = ("data_root", "runs_dir")

@@ -150,7 +150,6 @@ def test_papermill_lists_the_runbook_parameters():
 
 @pytest.mark.parametrize("name", ["compare_runs", "ensemble"])
 def test_report_runbooks_have_typed_parameters(name):
-    from papermill.inspection import display_notebook_help  # noqa: F401  (papermill is importable)
     import nbformat
     from papermill.translators import PythonTranslator
     nb = nbformat.read(REPO/"nbs"/f"{name}.ipynb", as_version=4)
