@@ -22,7 +22,7 @@ setup: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/expert-lab train --dataset digits --model wideresnet16_2 --n-experts 1 --expert-id 0 \
-	    --epochs 15 --batch-size 64 --lr 0.05 --restart-period 15 --min-epochs 10 --patience 5 --no-hflip
+	    --epochs 25 --batch-size 64 --lr 0.05 --restart-period 25 --min-epochs 15 --patience 8 --no-hflip
 
 test: $(STAMP)
 	bash tools/test.sh
