@@ -157,7 +157,10 @@ def cmd_compare(ns):
 
 def cmd_ensemble(ns):
     "Execute the ensemble notebook for one model and partition."
-    from expert_lab.runs import report_notebook
+    from expert_lab.runs import report_notebook, list_runs
+    if not list_runs(model=ns.model, partition=ns.partition, status="completed"):
+        raise ConfigError(f"ensemble: no completed runs of model {ns.model!r} with partition {ns.partition!r}; "
+                          f"`expert-lab runs` lists what there is")
     out = report_notebook("ensemble", dict(model=ns.model, partition=ns.partition, n_experts=ns.n_experts or 0))
     print(out)
 

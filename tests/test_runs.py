@@ -212,14 +212,13 @@ def test_ensemble_report(lab):
 
 
 def test_ensemble_without_runs_says_so(lab):
-    "Runs of other models are there, none of this one: the report says so and stops, without an error."
+    "Runs of other models are there, none of this one: the command says so in one line and starts no kernel."
     tmp, _ = lab
+    before = sorted((tmp/"runs").rglob("*"))
     r = cli(tmp, "ensemble", "--model", "resnet18", "--partition", "iid")
-    assert r.returncode == 0, r.stderr[-3000:]
-    nb = Path(r.stdout.strip().splitlines()[-1]).with_suffix(".ipynb")
-    assert notebook_errors(nb) == []
-    out = notebook_text(nb, sources=False)
-    assert "No completed runs" in out and "resnet18" in out and "ensemble of" not in out
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.count("\n") == 1 and "no completed runs of model 'resnet18'" in r.stderr
+    assert sorted((tmp/"runs").rglob("*")) == before
 
 
 # (f) the seed's spellings, then resume -------------------------------------------------------------------------------
