@@ -72,11 +72,11 @@ def notebook_errors(path:Path)->list:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    "A small CIFAR-100 in CIFAR's own file format, and two experts trained on it by `expert-lab train`."
+    "A small CIFAR-100 in CIFAR's own file format, and two experts trained on it at once by `expert-lab train --parallel 2`."
     from expert_lab.data import write_cifar_files
     tmp = tmp_path_factory.mktemp("lab")
     write_cifar_files(tmp/"data", n_train=600, n_test=N_TEST, num_classes=N_CLASSES, seed=0)
-    r = cli(tmp, *train_args(tmp))
+    r = cli(tmp, *train_args(tmp, "--parallel", "2"))  # two kernels side by side must not collide
     return tmp, r
 
 
