@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name expert-lab --display-name expert-lab >/dev/null
 	@# nbdev's git hooks and merge driver keep notebooks clean and mergeable (only inside a git checkout)
-	@if git rev-parse --git-dir >/dev/null 2>&1; then $(BIN)/nbdev-install-hooks >/dev/null; fi
+	@# (pointed at .venv/bin, so they work without an activated venv)
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	    $(BIN)/nbdev-install-hooks >/dev/null && \
+	    sed -i 's|^nbdev-trust$$|$(BIN)/nbdev-trust|' "$$(git rev-parse --git-path hooks)/post-merge" && \
+	    sed -i -e 's|driver = nbdev-merge|driver = $(BIN)/nbdev-merge|' -e 's|command = nbdev-diff-driver|command = $(BIN)/nbdev-diff-driver|' .gitconfig; \
+	fi
 	@touch $@
 
 setup: $(STAMP)
