@@ -11,12 +11,14 @@ from pathlib import Path
 from .config import TrainConfig, project_root, config_table
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'KERNEL_NAME', 'runs_root', 'expert_dir', 'new_run_dir', 'write_json', 'read_json', 'write_history_csv',
-           'provenance', 'start_record', 'finish_record', 'load_run_config', 'write_html', 'RunFailed', 'runbook',
-           'execute_notebook', 'run_expert', 'list_runs', 'format_runs', 'write_group_summary', 'report_notebook']
+__all__ = ['RUN_FILES', 'HISTORY_COLUMNS', 'KERNEL_NAME', 'runs_root', 'expert_dir', 'new_run_dir', 'write_json', 'read_json',
+           'write_history_csv', 'provenance', 'start_record', 'finish_record', 'load_run_config', 'write_html',
+           'RunFailed', 'runbook', 'execute_notebook', 'run_expert', 'list_runs', 'format_runs', 'write_group_summary',
+           'report_notebook']
 
 # %% ../nbs/06_runs.ipynb #d522546e
 RUN_FILES = ("report.ipynb", "report.html", "config.json", "metrics.json", "history.csv")
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec")
 
 def runs_root(cfg:TrainConfig # resolved config; `runs_dir` relative paths resolve against the project root
              )->Path:
@@ -58,7 +60,8 @@ def write_history_csv(path:str|Path, # destination
                      ):
     "Write the per-epoch history as CSV atomically (columns are the union of all keys, in first-seen order)."
     path = Path(path)
-    cols = list(dict.fromkeys(k for row in history for k in row))
+    # a run that failed in its first epoch still gets a readable (empty) table
+    cols = list(dict.fromkeys(k for row in history for k in row)) or list(HISTORY_COLUMNS)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols); w.writeheader(); w.writerows(history)

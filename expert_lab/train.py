@@ -667,7 +667,9 @@ def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
                 if s["first_bad_step"] is not None:  # this epoch does not count and is not saved
                     status, st.stop_reason, st.epoch = "failed", "nan_loss", st.epoch - 1
                     error = (f"non-finite loss (NaN or inf) at epoch {st.epoch + 1}, step {s['first_bad_step']} of {st.steps}; "
-                             f"stopped without saving that epoch (the checkpoints keep epoch {st.epoch}). Try a lower "
+                             f"stopped without saving that epoch ("
+                             + (f"the checkpoints keep epoch {st.epoch}" if st.epoch and ckpt_dir else "no earlier epoch was saved")
+                             + "). Try a lower "
                              f"lr, gradient clipping (grad_clip) or fp32 precision.")
                     out.write(error)
                     break
