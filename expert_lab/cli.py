@@ -94,6 +94,9 @@ def cmd_train(ns):
     from expert_lab.runs import run_expert, RunFailed, new_run_dir, read_json, write_group_summary
     jobs = resolve_experts(_config_args(ns, skip=("expert_id",)), ns.expert_id)
     if ns.parallel < 1: raise ConfigError(f"parallel: must be >= 1, got {ns.parallel}")
+    if ns.run_dir and (len(jobs) != 1 or ns.executor != "local"):
+        raise ConfigError(f"run_dir: --run-dir names one local run folder: it needs exactly one --expert-id "
+                          f"(got {len(jobs)}) and the local executor (Slurm tasks get their folders at submission)")
     ensure_data(jobs[0][0])
     if ns.executor == "slurm":
         from expert_lab.slurm import submit_experts
@@ -107,7 +110,8 @@ def cmd_train(ns):
     jobs = _assign_gpus(jobs)
     def one(job):
         cfg, src = job
-        d = new_run_dir(cfg)
+        # a named folder is reused, so a requeued batch script resumes from its last.pt
+        d = Path(ns.run_dir).resolve() if ns.run_dir else new_run_dir(cfg)
         print(f"expert {cfg.expert_id}: {d}", file=sys.stderr, flush=True)
         try: return run_expert(cfg, src, d, log_output=ns.parallel == 1)
         except RunFailed as e: return {**read_json(e.run_dir/"metrics.json", {}), "status": "failed", "error": e.reason, "path": str(e.run_dir)}
@@ -183,6 +187,8 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument("--parallel", type=int, default=1, help="train this many experts at once (local executor)")
     s.add_argument("--executor", choices=("local", "slurm"), default="local")
     s.add_argument("--dry-run", "--dry_run", action="store_true", help="print what would run; start nothing")
+    s.add_argument("--run-dir", "--run_dir", dest="run_dir", metavar="DIR",
+                   help="train one expert in this folder, resuming from its checkpoints/last.pt if it has one")
     sl = s.add_argument_group("slurm (defaults from settings.ini [slurm])")
     sl.add_argument("--slurm-partition", dest="partition_slurm"); sl.add_argument("--account")
     sl.add_argument("--time-min", type=int); sl.add_argument("--gpus-per-task", type=int)

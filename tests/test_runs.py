@@ -298,3 +298,20 @@ def test_plain_papermill_fills_a_run_folder(lab):
     assert cfg["config"]["batch_size"] == 32 and cfg["config"]["data_root"] == str(data)
     m = json.loads((d/"metrics.json").read_text())
     assert m["status"] == "completed" and m["epochs_done"] == 1 and METRICS_KEYS - {"run_dir"} <= set(m)
+
+
+# --run-dir: what a plain sbatch script uses to resume a requeued task in the same folder ----------------------------
+
+def test_run_dir_is_reused_and_resumed(lab):
+    tmp, data = lab[0]/"named", lab[0]/"data"
+    run = tmp/"runs"/"task-7"
+    args = lambda epochs: ["train", "--model", "wideresnet10_1", "--dataset", "cifar100", "--data-root", data, "--n-experts", "2",
+                           "--expert-id", "1", "--epochs", epochs, "--steps-per-epoch", "2", "--batch-size", "32",
+                           "--runs-dir", tmp/"runs", "--run-dir", run]
+    r = cli(tmp, *args(1)); assert r.returncode == 0, r.stderr[-3000:]
+    r = cli(tmp, *args(2)); assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((run/"metrics.json").read_text())
+    assert (m["status"], m["epochs_done"], m["resumed_from_epoch"], m["attempts"]) == ("completed", 2, 1, 2)
+    with open(run/"history.csv") as f: assert [h["epoch"] for h in csv.DictReader(f)] == ["1", "2"]
+    assert (run/"previous"/"report-1.ipynb").is_file() and (run/"report.html").is_file()
+    assert sorted(p.name for p in (tmp/"runs").iterdir()) == ["task-7"], "no other run folder was made"
