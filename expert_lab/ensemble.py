@@ -73,6 +73,7 @@ def model_params(names, # model names
 
 # %% ../nbs/06b_ensemble.ipynb #9d4f468b
 @torch.inference_mode()
+@torch.no_grad()  # inference only: no autograd graph to build and hold
 def predict_probs(model:torch.nn.Module, # a trained classifier
                   x:torch.Tensor, # uint8 test images [N,3,H,W]
                   mean:tuple, std:tuple, # the dataset's per-channel statistics, in [0,1] units
@@ -91,7 +92,8 @@ def _weights(blob:dict)->dict:
     "The state dict a run's test accuracy was measured with: the best-validating weights, raw or EMA."
     ema, best = blob.get("ema"), blob.get("best") or {}
     use_ema = ema is not None and (best.get("weights") == "ema" or best.get("val_acc") is None)
-    return {k.replace("_orig_mod.", ""): v for k, v in (ema["module"] if use_ema else blob["model"]).items()}
+    from expert_lab.train import _strip_compile_prefix  # the same rule the trainer uses when it resumes
+    return _strip_compile_prefix(ema["module"] if use_ema else blob["model"])
 
 def load_expert(run_dir:str|Path, # a run folder with config.json and checkpoints/
                 num_classes:int, # outputs of the classifier (the dataset's number of classes)
