@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #957872bc
 from __future__ import annotations
-import configparser, dataclasses, difflib, os
+import configparser, dataclasses, difflib, math, os
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,7 +12,8 @@ from typing import Any, Mapping
 # %% auto #0
 __all__ = ['MODEL_DEFAULTS', 'FIELD_TYPES', 'CONFIG_SECTIONS', 'SEED_ENV', 'CHOICES', 'SOURCES', 'TrainConfig', 'model_defaults',
            'ConfigError', 'coerce', 'check_key', 'project_root', 'settings_path', 'read_settings', 'settings_values',
-           'env_values', 'check_ranges', 'check_names', 'project_path', 'resolve_config', 'config_table', 'pick_device']
+           'env_values', 'check_ranges', 'check_names', 'project_path', 'resolve_config', 'config_table', 'pick_device',
+           'field_docs', 'explicit_args', 'schedule_warning']
 
 # %% ../nbs/00_config.ipynb #1268046b
 @dataclass
@@ -283,4 +284,47 @@ def pick_device(name:str="auto" # auto, cpu, cuda, cuda:N
     if name == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA GPU; use cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= (n := torch.cuda.device_count()):
+        raise ConfigError(f"device: {name!r} asked for, but this machine has {n} CUDA GPU(s): use cuda:0 to cuda:{n - 1}")
     return torch.device(name)
+
+# %% ../nbs/00_config.ipynb #1216237b
+def field_docs()->dict:
+    "Each config key's one-line meaning, read from the comments in `TrainConfig`."
+    from fastcore.docments import docments
+    from expert_lab import config  # the exported class: its source (and so its comments) can be read in any kernel
+    return {k: v or "" for k, v in docments(config.TrainConfig).items() if k in FIELD_TYPES}
+
+# %% ../nbs/00_config.ipynb #4d98fc8a
+def explicit_args(namespace:Mapping # e.g. a notebook's `globals()`
+                 )->dict:
+    "The config keys in `namespace` that were given a value (not `None`)."
+    return {k: v for k, v in namespace.items() if k in FIELD_TYPES and v is not None}
+
+# %% ../nbs/00_config.ipynb #2df26048
+def _cycle_ends(cfg, limit):
+    "Epochs at which a warm-restart cycle ends, up to `limit`."
+    ends, e, period = [], cfg.warmup_epochs, cfg.restart_period
+    while e + period <= limit + period:
+        e += period; ends.append(e); period *= cfg.restart_mult
+    return ends
+
+def schedule_warning(cfg:TrainConfig # a resolved config
+                    )->str|None:
+    "One warning line when the last epoch does not end a warm-restart cycle, saying what to pass instead; else None."
+    if cfg.scheduler != "cosine_restarts": return None
+    ends = _cycle_ends(cfg, cfg.epochs)
+    if cfg.epochs in ends: return None
+    below = [e for e in ends if e < cfg.epochs]
+    fix = [f"--epochs {ends[-1]}"] + ([f"--epochs {below[-1]}"] if below else [])
+    fix.append(f"--restart-period {cfg.epochs - cfg.warmup_epochs}" if not below else "--scheduler cosine")
+    lr = cfg.min_lr + (cfg.lr - cfg.min_lr)*(1 + math.cos(math.pi*_cycle_pos(cfg)))/2
+    return (f"warning: epochs={cfg.epochs} ends inside a warm-restart cycle (cycles end at epoch "
+            f"{', '.join(map(str, ends[:4]))}{', ...' if len(ends) > 4 else ''}), so training stops at lr {lr:.3g}, "
+            f"{lr/cfg.lr:.0%} of the peak; pass {' or '.join(fix)} to end annealed")
+
+def _cycle_pos(cfg):
+    "Where the last epoch sits in its cycle, 0 (start) to 1 (end)."
+    start, period = cfg.warmup_epochs, cfg.restart_period
+    while start + period < cfg.epochs: start += period; period *= cfg.restart_mult
+    return (cfg.epochs - start)/period

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['DATASETS', 'DatasetError', 'ImageDataset', 'channel_stats', 'default_val_size', 'validation_split', 'load_dataset',
-           'write_cifar_files', 'check_dataset', 'DeviceLoader']
+__all__ = ['DATASETS', 'CACHE_NAME', 'DatasetError', 'ImageDataset', 'channel_stats', 'default_val_size', 'validation_split',
+           'load_dataset', 'write_cifar_files', 'check_dataset', 'DeviceLoader']
 
 # %% ../nbs/01_data.ipynb #7c9e57d9
 DATASETS = ('cifar100', 'cifar10', 'digits', 'folder')
@@ -274,12 +274,40 @@ def _read_split(files, classes):
     x = np.stack([_read_image(p) for p, _ in paths])
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor([y for _, y in paths], dtype=torch.long)
 
+CACHE_NAME = '.expert-lab-cache.pt'  # beside train/ and test/: the decoded images as uint8 tensors
+
+def _files_key(train, test):
+    "A fingerprint of every image file (path, size, modification time): any change invalidates the cache."
+    import hashlib
+    h = hashlib.sha1()
+    for split in (train, test):
+        for c, fs in split.items():
+            for p in fs:
+                st = p.stat(); h.update(f'{c}/{p.name}:{st.st_size}:{st.st_mtime_ns};'.encode())
+    return h.hexdigest()
+
+def _read_cache(path, key):
+    try: blob = torch.load(path, weights_only=True)  # plain tensors and strings only: a cache never runs code
+    except FileNotFoundError: return None
+    except Exception: return None  # a damaged cache is rebuilt from the images
+    return blob if blob.get('key') == key else None
+
+def _write_cache(path, blob):
+    import os
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try: torch.save(blob, tmp); os.replace(tmp, path)
+    except OSError: tmp.unlink(missing_ok=True)  # a read-only data folder: decode every time, still correct
+
 def _folder(root):
     train, test = _folder_classes(root)
-    classes = list(train)
-    tx, ty = _read_split(train, classes)
-    vx, vy = _read_split(test, classes)
-    return ImageDataset('folder', tx, ty, vx, vy, classes, *channel_stats(tx))
+    classes, key, cache = list(train), _files_key(train, test), Path(root)/CACHE_NAME
+    if (blob := _read_cache(cache, key)) is None:
+        tx, ty = _read_split(train, classes)
+        vx, vy = _read_split(test, classes)
+        blob = dict(key=key, tx=tx, ty=ty, vx=vx, vy=vy, classes=classes)
+        _write_cache(cache, blob)
+    tx = blob['tx']
+    return ImageDataset('folder', tx, blob['ty'], blob['vx'], blob['vy'], blob['classes'], *channel_stats(tx))
 
 # %% ../nbs/01_data.ipynb #68ced9ef
 def check_dataset(name:str, # one of `DATASETS`
