@@ -4,41 +4,50 @@
 
 # %% ../nbs/08_cli.ipynb #25ced9d9
 from __future__ import annotations
-import argparse, os, sys
+import argparse, os, sys, threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from .config import (FIELD_TYPES, ConfigError, TrainConfig, check_key, config_table, resolve_config, _nearest)
+from .config import (FIELD_TYPES, ConfigError, TrainConfig, check_key, config_table, did_you_mean, field_docs,
+                               resolve_config)
 
 # %% auto #0
-__all__ = ['UsageError', 'cmd_config', 'cmd_models', 'resolve_experts', 'ensure_data', 'cmd_train', 'cmd_runs', 'cmd_resume',
+__all__ = ['UsageError', 'add_config_flags', 'config_args', 'cmd_config', 'cmd_models', 'expert_ids', 'resolve_experts',
+           'ensure_data', 'check_train', 'train_one', 'train_local', 'cmd_train', 'cmd_runs', 'cmd_resume',
            'cmd_compare', 'cmd_ensemble', 'cmd_lab', 'build_parser', 'main']
 
-# %% ../nbs/08_cli.ipynb #aae30050
+# %% ../nbs/08_cli.ipynb #6dace284
 class UsageError(Exception):
     "Bad command-line input: one line for the user, exit status 2."
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message): raise UsageError(message)
 
-def _add_config_flags(p, skip=()):
-    g = p.add_argument_group("config keys (see `expert-lab config`)")
+def add_config_flags(p:argparse.ArgumentParser, # the (sub)command's parser
+                     skip:tuple=(), # keys that the command spells differently
+                    ):
+    "Add one flag per config key, with its meaning and default as help."
+    g, docs, defaults = p.add_argument_group("config keys (see `expert-lab config`)"), field_docs(), TrainConfig()
     for k, typ in FIELD_TYPES.items():
         if k in skip: continue
-        names = dict.fromkeys([f"--{k.replace('_', '-')}", f"--{k}"])
+        names, hlp = dict.fromkeys([f"--{k.replace('_', '-')}", f"--{k}"]), f"{docs[k]} (default {getattr(defaults, k)!r})"
         if typ is bool:
-            g.add_argument(*names, dest=k, nargs="?", const="true", default=None, metavar="BOOL")
-            g.add_argument(*dict.fromkeys([f"--no-{k.replace('_', '-')}", f"--no_{k}"]), dest=k, action="store_const", const="false")
-        else: g.add_argument(*names, dest=k, default=None, metavar=typ.__name__.upper())
+            g.add_argument(*names, dest=k, nargs="?", const="true", default=None, metavar="BOOL", help=hlp)
+            g.add_argument(*dict.fromkeys([f"--no-{k.replace('_', '-')}", f"--no_{k}"]), dest=k, action="store_const",
+                           const="false", help=argparse.SUPPRESS)
+        else: g.add_argument(*names, dest=k, default=None, metavar=typ.__name__.upper(), help=hlp.replace("%", "%%"))
 
-def _config_args(ns, skip=()):
+def config_args(ns:argparse.Namespace, # parsed arguments
+                skip:tuple=(), # keys not to take
+               )->dict:
+    "The config keys given on the command line, as text."
     return {k: getattr(ns, k) for k in FIELD_TYPES if k not in skip and getattr(ns, k, None) is not None}
 
-# %% ../nbs/08_cli.ipynb #ada255a2
+# %% ../nbs/08_cli.ipynb #06ecb986
 def cmd_config(ns):
     "Print the resolved config and where each value came from."
-    cfg, sources = resolve_config(_config_args(ns))
+    cfg, sources = resolve_config(config_args(ns))
     print(config_table(cfg, sources))
 
 def cmd_models(ns):
@@ -46,8 +55,11 @@ def cmd_models(ns):
     from expert_lab.models import model_table, format_model_table
     print(format_model_table(model_table(), markdown=ns.markdown))
 
-# %% ../nbs/08_cli.ipynb #daf83ef1
-def _expert_ids(spec, n):
+# %% ../nbs/08_cli.ipynb #fc8783fd
+def expert_ids(spec:str|None, # "3", "0,2", "all" or None (every expert)
+               n:int, # n_experts
+              )->list[int]:
+    "The expert ids `spec` names, each checked against `n`."
     if spec in (None, "all"): return list(range(n))
     try: ids = [int(s) for s in str(spec).split(",")]
     except ValueError: raise ConfigError(f"expert_id: expected an integer, a comma-separated list or 'all', got {spec!r}") from None
@@ -63,17 +75,19 @@ def resolve_experts(args:dict, # config values from the command line
     env_id = os.environ.get("EXPERT_ID") or os.environ.get("EXPERT_LAB_EXPERT_ID")
     spec = expert_spec if expert_spec is not None else env_id
     out = []
-    for k in _expert_ids(spec, base.n_experts):
+    for k in expert_ids(spec, base.n_experts):
         cfg, src = resolve_config({**args, "expert_id": k})
         if expert_spec is None and env_id is not None: src["expert_id"] = "env"
         out.append((cfg, src))
     return out
 
+# %% ../nbs/08_cli.ipynb #af57dd05
 def ensure_data(cfg:TrainConfig # resolved config
                ):
     "Make sure the dataset is on disk (downloading CIFAR when it is missing and the network allows) before any run starts."
+    from expert_lab.config import project_path
     from expert_lab.data import DatasetError, check_dataset, load_dataset
-    root, existed = Path(cfg.data_root), Path(cfg.data_root).exists()
+    root = project_path(cfg.data_root); existed = root.exists()
     try:
         try: check_dataset(cfg.dataset, root, download=False)
         except DatasetError:
@@ -83,21 +97,90 @@ def ensure_data(cfg:TrainConfig # resolved config
         if not existed and root.is_dir() and not any(root.iterdir()): root.rmdir()  # a failed download leaves no trace
         raise ConfigError(f"dataset: {e}") from None
 
+def check_train(jobs:list, # (config, sources) per expert
+                run_dir:str|None=None, # --run-dir
+               ):
+    "Everything `train` checks before it creates anything; raises `ConfigError` (or `RunBusy`)."
+    from expert_lab.config import schedule_warning
+    from expert_lab.preflight import preflight
+    if warning := schedule_warning(jobs[0][0]): print(f"expert-lab: {warning}", file=sys.stderr)
+    ensure_data(jobs[0][0])
+    preflight([c for c, _ in jobs], run_dir=run_dir)
+
+# %% ../nbs/08_cli.ipynb #4c468285
+def _say(line): print(line, flush=True)
+
+def _outcome_line(rec:dict, # a run's final metrics.json record (with run_dir)
+                 )->str:
+    "The one line that ends an expert's output."
+    d, k = Path(rec["run_dir"]), rec.get("expert_id")
+    if rec.get("status") == "completed":
+        return f"expert {k}: test accuracy {rec.get('test_acc') or float('nan'):.4f} (top-5 {rec.get('test_top5') or float('nan'):.4f})  report {d/'report.html'}"
+    if rec.get("status") == "interrupted":
+        return (f"expert {k}: stopped after epoch {rec.get('epochs_done', 0)} (checkpoints/last.pt saved); "
+                f"resume with: expert-lab resume {d}")
+    return f"expert {k}: failed: {rec.get('error') or rec.get('status')}  report {d/'report.html'}"
+
+def train_one(cfg:TrainConfig, # checked config
+              sources:dict, # where each value came from
+              run_dir:str|Path|None=None, # a named folder; default a new one
+              prefix:str="", # put before each of the training's lines (several experts at once)
+              resume:bool=True, # continue from the folder's last.pt
+             )->dict:
+    "Train one expert, printing its folder, its lines and its outcome; return the final record."
+    from expert_lab.execute import run_expert
+    from expert_lab.runs import RunFailed, new_run_dir
+    d = Path(run_dir).resolve() if run_dir else new_run_dir(cfg)
+    _say(f"expert {cfg.expert_id}: training in {d}")
+    try: rec = run_expert(cfg, sources, d, resume=resume, console=lambda line: _say(prefix + line))
+    except RunFailed as e: rec = {**e.record, "run_dir": str(e.run_dir)}
+    _say(_outcome_line({"expert_id": cfg.expert_id, **rec}))
+    return rec
+
 def _assign_gpus(jobs):
     import torch
     n = torch.cuda.device_count()
     if n <= 1: return jobs
     return [(replace(c, device=f"cuda:{c.expert_id % n}") if c.device == "auto" else c, s) for c, s in jobs]
 
-def cmd_train(ns):
-    "Train the chosen experts through the papermill notebook."
-    from expert_lab.runs import run_expert, RunFailed, new_run_dir, read_json, write_group_summary
-    jobs = resolve_experts(_config_args(ns, skip=("expert_id",)), ns.expert_id)
+def train_local(jobs:list, # (config, sources) per expert, checked
+                parallel:int=1, # experts at once
+                run_dir:str|None=None, # a named folder (one expert)
+               )->int:
+    "Train `jobs` here, `parallel` at a time; return the exit status (130/143 after a signal, 1 if any failed)."
+    from expert_lab.execute import forward_signals
+    from expert_lab.runs import write_group_summary
+    jobs = _assign_gpus(jobs)
+    prefix = (lambda c: f"[expert {c.expert_id}] ") if parallel > 1 else (lambda c: "")
+    with forward_signals() as fw, ThreadPoolExecutor(parallel) as pool:
+        recs = list(pool.map(lambda j: train_one(*j, run_dir=run_dir, prefix=prefix(j[0])), jobs))
+    if len(jobs) > 1: _say(write_group_summary(jobs[0][0], [r["run_dir"] for r in recs]))
+    if fw.exit_status: return fw.exit_status
+    return 1 if any(r.get("status") != "completed" for r in recs) else 0
+
+# %% ../nbs/08_cli.ipynb #58155691
+def _slurm_overrides(ns):
+    # --slurm-partition is the Slurm queue; --partition is the expert partition (iid, classes, ...)
+    keys = dict(partition_slurm="partition", account="account", time_min="time_min", gpus_per_task="gpus_per_task",
+                cpus_per_task="cpus_per_task", mem_gb="mem_gb", constraint="constraint", array_parallelism="array_parallelism")
+    return {v: getattr(ns, k) for k, v in keys.items() if getattr(ns, k, None) is not None}
+
+def _check_options(ns, jobs):
     if ns.parallel < 1: raise ConfigError(f"parallel: must be >= 1, got {ns.parallel}")
     if ns.run_dir and (len(jobs) != 1 or ns.executor != "local"):
         raise ConfigError(f"run_dir: --run-dir names one local run folder: it needs exactly one --expert-id "
                           f"(got {len(jobs)}) and the local executor (Slurm tasks get their folders at submission)")
-    ensure_data(jobs[0][0])
+
+def cmd_train(ns):
+    "Train the chosen experts through the papermill notebook (a sweep when a value is a list)."
+    from expert_lab.sweeps import run_sweep, sweep_values
+    args = config_args(ns, skip=("expert_id",))
+    if ns.sweep or sweep_values(args):
+        return run_sweep(args, ns.expert_id, sweep_id=ns.sweep, parallel=ns.parallel, executor=ns.executor, dry_run=ns.dry_run,
+                         yes=ns.yes, retry_failed=ns.retry_failed, slurm_opts=_slurm_overrides(ns))
+    jobs = resolve_experts(args, ns.expert_id)
+    _check_options(ns, jobs)
+    check_train(jobs, ns.run_dir)
     if ns.executor == "slurm":
         from expert_lab.slurm import submit_experts
         res = submit_experts(jobs, dry_run=ns.dry_run, **_slurm_overrides(ns))
@@ -107,33 +190,12 @@ def cmd_train(ns):
     if ns.dry_run:
         for cfg, _ in jobs: print(f"would train {cfg.model} expert {cfg.expert_id}/{cfg.n_experts} ({cfg.partition}) on {cfg.dataset}")
         return 0
-    jobs = _assign_gpus(jobs)
-    def one(job):
-        cfg, src = job
-        # a named folder is reused, so a requeued batch script resumes from its last.pt
-        d = Path(ns.run_dir).resolve() if ns.run_dir else new_run_dir(cfg)
-        print(f"expert {cfg.expert_id}: {d}", file=sys.stderr, flush=True)
-        try: return run_expert(cfg, src, d, log_output=ns.parallel == 1)
-        except RunFailed as e: return {**read_json(e.run_dir/"metrics.json", {}), "status": "failed", "error": e.reason, "path": str(e.run_dir)}
-    with ThreadPoolExecutor(ns.parallel) as pool: recs = list(pool.map(one, jobs))
-    failed = [r for r in recs if r.get("status") != "completed"]
-    if len(jobs) > 1: print(write_group_summary(jobs[0][0], recs))
-    for r in recs:
-        if r.get("status") == "completed":
-            print(f"expert {r['expert_id']}: test accuracy {r.get('test_acc', float('nan')):.4f}  report {Path(r['run_dir'])/'report.html'}")
-    for r in failed: print(f"expert-lab: run failed: {r.get('error')} (report: {r.get('path') or r.get('run_dir')})", file=sys.stderr)
-    return 1 if failed else 0
+    return train_local(jobs, ns.parallel, ns.run_dir)
 
-def _slurm_overrides(ns):
-    # --slurm-partition is the Slurm queue; --partition is the expert partition (iid, classes, ...)
-    keys = dict(partition_slurm="partition", account="account", time_min="time_min", gpus_per_task="gpus_per_task",
-                cpus_per_task="cpus_per_task", mem_gb="mem_gb", constraint="constraint", array_parallelism="array_parallelism")
-    return {v: getattr(ns, k) for k, v in keys.items() if getattr(ns, k, None) is not None}
-
-# %% ../nbs/08_cli.ipynb #06ecb986
+# %% ../nbs/08_cli.ipynb #239316c6
 def cmd_runs(ns):
     "List run folders."
-    from expert_lab.runs import list_runs, format_runs
+    from expert_lab.catalog import list_runs, format_runs
     rows = list_runs(model=ns.model, partition=ns.partition, status=ns.status)
     if any(r.get("slurm_job") for r in rows):  # one sacct call for all runs that went through Slurm
         from expert_lab.slurm import slurm_states
@@ -143,90 +205,120 @@ def cmd_runs(ns):
 
 def cmd_resume(ns):
     "Continue an interrupted run in its own folder."
-    from expert_lab.runs import load_run_config, run_expert, RunFailed
-    run_dir = Path(ns.run_dir)
+    from expert_lab.execute import forward_signals
+    from expert_lab.preflight import preflight
+    from expert_lab.runs import load_run_config
+    run_dir = Path(ns.run_dir).resolve()
     if not (run_dir/"config.json").exists(): raise ConfigError(f"run_dir: {run_dir} is not a run folder (no config.json)")
     cfg, src = load_run_config(run_dir)
-    try: rec = run_expert(cfg, src, run_dir, resume=True)
-    except RunFailed as e:
-        print(f"expert-lab: run failed: {e.reason} (report: {e.run_dir/'report.html'})", file=sys.stderr); return 1
-    print(f"resumed and finished: test accuracy {rec.get('test_acc', float('nan')):.4f}  report {run_dir/'report.html'}")
-    return 0
+    ensure_data(cfg)
+    preflight([cfg], run_dir=run_dir)
+    with forward_signals() as fw: rec = train_one(cfg, src, run_dir)
+    return fw.exit_status or (0 if rec.get("status") == "completed" else 1)
 
 def cmd_compare(ns):
-    "Execute the compare notebook over the chosen runs."
-    from expert_lab.runs import report_notebook
-    out = report_notebook("compare_runs", dict(model=ns.model or "", partition=ns.partition or "", status=ns.status or ""))
-    print(out)
+    "Execute the compare notebook over the chosen runs (or over a sweep)."
+    from expert_lab.execute import report_notebook
+    if ns.sweep:
+        from expert_lab.sweeps import sweep_report
+        print(sweep_report(ns.sweep)); return 0
+    print(report_notebook("compare_runs", dict(model=ns.model or "", partition=ns.partition or "", status=ns.status or "")))
 
 def cmd_ensemble(ns):
     "Execute the ensemble notebook for one model and partition."
-    from expert_lab.runs import report_notebook, list_runs
+    from expert_lab.catalog import list_runs
+    from expert_lab.execute import report_notebook
     if not list_runs(model=ns.model, partition=ns.partition, status="completed"):
         raise ConfigError(f"ensemble: no completed runs of model {ns.model!r} with partition {ns.partition!r}; "
                           f"`expert-lab runs` lists what there is")
-    out = report_notebook("ensemble", dict(model=ns.model, partition=ns.partition, n_experts=ns.n_experts or 0))
-    print(out)
+    print(report_notebook("ensemble", dict(model=ns.model, partition=ns.partition, n_experts=ns.n_experts or 0)))
 
 def cmd_lab(ns):
     "Start JupyterLab with the project's kernel, opening at nbs/."
     from expert_lab.lab import start_lab
     return start_lab(port=ns.port, open_browser=not ns.no_browser)
 
-# %% ../nbs/08_cli.ipynb #fc8783fd
+# %% ../nbs/08_cli.ipynb #0abe6b42
+def _train_parser(sub):
+    s = sub.add_parser("train", help="train experts through the papermill notebook",
+                       description="Train experts. A value given as a comma-separated list (--lr 0.05,0.1 --seed 0,1,2) "
+                                   "trains the grid of all combinations as one sweep.")
+    s.add_argument("--expert-id", "--expert_id", dest="expert_id", default=None, metavar="K|all",
+                   help="one expert, a comma-separated list, or all (the default)")
+    s.add_argument("--parallel", type=int, default=1, help="train this many experts at once (local executor)")
+    s.add_argument("--executor", choices=("local", "slurm"), default="local", help="where to train (default local)")
+    s.add_argument("--dry-run", "--dry_run", action="store_true", help="print what would run; start nothing")
+    s.add_argument("--run-dir", "--run_dir", dest="run_dir", metavar="DIR",
+                   help="train one expert in this folder, resuming from its checkpoints/last.pt if it has one")
+    s.add_argument("--sweep", metavar="ID", help="continue the sweep with this id (see runs/sweeps/)")
+    s.add_argument("--yes", action="store_true", help="allow a sweep of more than 500 runs")
+    s.add_argument("--retry-failed", action="store_true", help="a sweep also retrains its failed runs")
+    sl = s.add_argument_group("slurm (defaults from settings.ini [slurm])")
+    sl.add_argument("--slurm-partition", dest="partition_slurm", help="Slurm queue")
+    sl.add_argument("--account", help="account to charge"); sl.add_argument("--time-min", type=int, help="minutes per task")
+    sl.add_argument("--gpus-per-task", type=int, help="GPUs per expert task")
+    sl.add_argument("--cpus-per-task", type=int, help="CPU cores per expert task")
+    sl.add_argument("--mem-gb", type=int, help="memory per expert task in GB")
+    sl.add_argument("--constraint", help="node feature constraint")
+    sl.add_argument("--array-parallelism", type=int, help="at most this many array tasks at once")
+    add_config_flags(s, skip=("expert_id",)); s.set_defaults(fn=cmd_train)
+
 def build_parser()->argparse.ArgumentParser:
     "The `expert-lab` argument parser."
     p = _Parser(prog="expert-lab", description="Train, compare and combine expert classifiers on CIFAR-100.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    s = sub.add_parser("config", help="print the resolved config and each value's source"); _add_config_flags(s); s.set_defaults(fn=cmd_config)
+    s = sub.add_parser("config", help="print the resolved config and each value's source"); add_config_flags(s); s.set_defaults(fn=cmd_config)
     s = sub.add_parser("models", help="table of models: parameters, MACs, published accuracy")
-    s.add_argument("--markdown", action="store_true"); s.set_defaults(fn=cmd_models)
-    s = sub.add_parser("train", help="train experts through the papermill notebook")
-    s.add_argument("--expert-id", "--expert_id", dest="expert_id", default=None, metavar="K|all",
-                   help="one expert, a comma-separated list, or all (the default)")
-    s.add_argument("--parallel", type=int, default=1, help="train this many experts at once (local executor)")
-    s.add_argument("--executor", choices=("local", "slurm"), default="local")
-    s.add_argument("--dry-run", "--dry_run", action="store_true", help="print what would run; start nothing")
-    s.add_argument("--run-dir", "--run_dir", dest="run_dir", metavar="DIR",
-                   help="train one expert in this folder, resuming from its checkpoints/last.pt if it has one")
-    sl = s.add_argument_group("slurm (defaults from settings.ini [slurm])")
-    sl.add_argument("--slurm-partition", dest="partition_slurm"); sl.add_argument("--account")
-    sl.add_argument("--time-min", type=int); sl.add_argument("--gpus-per-task", type=int)
-    sl.add_argument("--cpus-per-task", type=int); sl.add_argument("--mem-gb", type=int)
-    sl.add_argument("--constraint"); sl.add_argument("--array-parallelism", type=int)
-    _add_config_flags(s, skip=("expert_id",)); s.set_defaults(fn=cmd_train)
+    s.add_argument("--markdown", action="store_true", help="as a Markdown table"); s.set_defaults(fn=cmd_models)
+    _train_parser(sub)
     for name, fn, hlp in (("runs", cmd_runs, "list runs"), ("compare", cmd_compare, "leaderboard notebook across runs")):
         s = sub.add_parser(name, help=hlp)
-        s.add_argument("--model"); s.add_argument("--partition"); s.add_argument("--status"); s.set_defaults(fn=fn)
+        s.add_argument("--model", help="only this model"); s.add_argument("--partition", help="only this partition (iid or iid-4)")
+        s.add_argument("--status", help="only runs with this status (completed, running, interrupted, failed, damaged)")
+        if name == "compare": s.add_argument("--sweep", metavar="ID", help="the report of one sweep: mean and spread over seeds")
+        s.set_defaults(fn=fn)
     s = sub.add_parser("ensemble", help="combine the experts of one model and partition")
     s.add_argument("--model", required=True); s.add_argument("--partition", required=True, help="e.g. iid or iid-4")
-    s.add_argument("--n-experts", type=int); s.set_defaults(fn=cmd_ensemble)
+    s.add_argument("--n-experts", type=int, help="which group, when several sizes of the partition exist"); s.set_defaults(fn=cmd_ensemble)
     s = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
-    s.add_argument("run_dir"); s.set_defaults(fn=cmd_resume)
+    s.add_argument("run_dir", help="the run folder"); s.set_defaults(fn=cmd_resume)
     s = sub.add_parser("lab", help="start JupyterLab with the project's kernel")
-    s.add_argument("--port", type=int, default=8888); s.add_argument("--no-browser", action="store_true"); s.set_defaults(fn=cmd_lab)
+    s.add_argument("--port", type=int, default=8888, help="port to try first (the next free one is used when taken)")
+    s.add_argument("--no-browser", action="store_true", help="do not open a browser"); s.set_defaults(fn=cmd_lab)
     return p
 
-# %% ../nbs/08_cli.ipynb #8ddbf296
+# %% ../nbs/08_cli.ipynb #5389af17
 def _check_unknown(extra):
     for a in extra:
         if a.startswith("--"):
             key = a[2:].split("=")[0]
             try: check_key(key)
-            except ConfigError as e: raise UsageError(f"unknown option {a.split('=')[0]}{_nearest(key.replace('-', '_'), FIELD_TYPES)}") from None
+            except ConfigError: raise UsageError(f"unknown option {a.split('=')[0]}{did_you_mean(key.replace('-', '_'), FIELD_TYPES)}") from None
             raise UsageError(f"option {a.split('=')[0]} does not apply to this command")
         raise UsageError(f"unexpected argument {a!r}")
+
+# %% ../nbs/08_cli.ipynb #3f27c03b
+def _expected_errors()->tuple:
+    from expert_lab.checkpoint import CheckpointError
+    from expert_lab.data import DatasetError
+    from expert_lab.lab import LabError
+    from expert_lab.lock import RunBusy
+    return (UsageError, ConfigError, RunBusy, DatasetError, CheckpointError, LabError, OSError)
 
 def main(argv:list[str]|None=None # arguments; default sys.argv[1:]
         )->int:
     "Entry point of the `expert-lab` command."
-    p = build_parser()
     try:
-        ns, extra = p.parse_known_args(argv)
+        ns, extra = build_parser().parse_known_args(argv)
         _check_unknown(extra)
         return ns.fn(ns) or 0
-    except (UsageError, ConfigError) as e:
-        print(f"expert-lab: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("expert-lab: interrupted", file=sys.stderr); return 130
+    except _expected_errors() as e:
+        print(f"expert-lab: error: {e}", file=sys.stderr); return 2
+    except Exception:
+        import traceback
+        traceback.print_exc()
+        print("expert-lab: this is a bug in expert-lab; please report it with the lines above "
+              "(https://github.com/expert-lab/expert-lab/issues)", file=sys.stderr)
+        return 1

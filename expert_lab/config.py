@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 # %% auto #0
-__all__ = ['MODEL_DEFAULTS', 'FIELD_TYPES', 'CONFIG_SECTIONS', 'SEED_ENV', 'CHOICES', 'SOURCES', 'TrainConfig', 'model_defaults',
-           'ConfigError', 'coerce', 'check_key', 'project_root', 'settings_path', 'read_settings', 'settings_values',
-           'env_values', 'check_ranges', 'check_names', 'project_path', 'resolve_config', 'config_table', 'pick_device',
-           'field_docs', 'explicit_args', 'schedule_warning']
+__all__ = ['MODEL_DEFAULTS', 'FIELD_TYPES', 'CONFIG_SECTIONS', 'KERNEL_NAME', 'SEED_ENV', 'CHOICES', 'SOURCES', 'TrainConfig',
+           'model_defaults', 'ConfigError', 'coerce', 'did_you_mean', 'check_key', 'project_root', 'settings_path',
+           'read_settings', 'settings_values', 'env_values', 'check_ranges', 'check_names', 'project_path',
+           'resolve_config', 'config_table', 'pick_device', 'field_docs', 'explicit_args', 'schedule_warning']
 
 # %% ../nbs/00_config.ipynb #1268046b
 @dataclass
@@ -24,12 +24,12 @@ class TrainConfig:
     dataset: str = "cifar100"  # cifar100, cifar10, digits or folder
     data_root: str = "data"  # folder holding the datasets (relative paths resolve against the project root)
     # which expert
-    expert_id: int = 0  # which partition this expert learns from, 0 <= expert_id < n_experts
+    expert_id: int = 0  # which partition this expert learns from, 0 to n_experts - 1
     n_experts: int = 4  # how many experts split the training set
     partition: str = "iid"  # iid, classes, superclass, dirichlet or full
-    dirichlet_alpha: float = 0.5  # concentration of the dirichlet partition (smaller = more skewed)
+    dirichlet_alpha: float = 0.5  # concentration of the dirichlet partition (smaller is more skewed)
     min_shard_size: int = 10  # dirichlet: smallest number of images an expert may get
-    val_size: int = -1  # validation images held out of the training set; -1 = dataset default, 0 = none (no early stop)
+    val_size: int = -1  # validation images held out of the training set; -1: the dataset's default, 0: none (no early stop)
     # optimisation
     epochs: int = 250  # maximum number of epochs
     batch_size: int = 128  # images per step
@@ -61,7 +61,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     ema: bool = False  # keep an exponential moving average of the weights
     ema_decay: float = 0.999  # EMA decay per step
-    steps_per_epoch: int = 0  # cap on steps per epoch for smoke tests; 0 = the full epoch
+    steps_per_epoch: int = 0  # cap on steps per epoch for smoke tests; 0: the full epoch
     # reproducibility and placement
     seed: int = 0  # seeds data order, augmentation, partition and initialisation
     deterministic: bool = False  # deterministic kernels (slower; bit-exact resumes on the CPU)
@@ -119,7 +119,10 @@ def coerce(key:str, # config key
     return value
 
 # %% ../nbs/00_config.ipynb #58fba0d6
-def _nearest(word, choices):
+def did_you_mean(word:str, # what was typed
+                 choices, # what is allowed
+                )->str:
+    "` (did you mean 'x'?)` for the nearest of `choices`, or an empty string."
     m = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return f" (did you mean {m[0]!r}?)" if m else ""
 
@@ -127,7 +130,7 @@ def check_key(key:str # a config key, hyphens or underscores
              )->str:
     "Return `key` in underscore spelling, or raise a `ConfigError` naming the nearest key."
     k = key.replace("-", "_")
-    if k not in FIELD_TYPES: raise ConfigError(f"unknown config key {key!r}{_nearest(k, FIELD_TYPES)}")
+    if k not in FIELD_TYPES: raise ConfigError(f"unknown config key {key!r}{did_you_mean(k, FIELD_TYPES)}")
     return k
 
 # %% ../nbs/00_config.ipynb #c80bc57e
@@ -141,6 +144,8 @@ def project_root()->Path:
         for d in (start, *start.parents):
             if (d/"settings.ini").exists() and (d/"pyproject.toml").exists(): return d
     return Path.cwd()
+
+KERNEL_NAME = "expert-lab"  # the Jupyter kernel `make setup` registers inside .venv; every runbook runs on it
 
 def settings_path()->Path:
     "Where the site settings are read from."
@@ -218,15 +223,15 @@ def check_names(cfg:TrainConfig # a fully resolved config
     from expert_lab.models import model_card, list_models, UnknownModelError
     try: model_card(cfg.model)
     except UnknownModelError:
-        raise ConfigError(f"model: unknown model {cfg.model!r}{_nearest(cfg.model, list_models())}; "
+        raise ConfigError(f"model: unknown model {cfg.model!r}{did_you_mean(cfg.model, list_models())}; "
                           f"choose one of {', '.join(list_models())} or wideresnet<depth>_<width>") from None
     except ValueError as e: raise ConfigError(f"model: {e}") from None  # a parametric name with impossible numbers
     from expert_lab.data import DATASETS
     if cfg.dataset not in DATASETS:
-        raise ConfigError(f"dataset: {cfg.dataset!r} is not one of {', '.join(DATASETS)}{_nearest(cfg.dataset, DATASETS)}")
+        raise ConfigError(f"dataset: {cfg.dataset!r} is not one of {', '.join(DATASETS)}{did_you_mean(cfg.dataset, DATASETS)}")
     from expert_lab.experts import PARTITIONS, check_partition
     if cfg.partition not in PARTITIONS:
-        raise ConfigError(f"partition: {cfg.partition!r} is not one of {', '.join(PARTITIONS)}{_nearest(cfg.partition, PARTITIONS)}")
+        raise ConfigError(f"partition: {cfg.partition!r} is not one of {', '.join(PARTITIONS)}{did_you_mean(cfg.partition, PARTITIONS)}")
     try: check_partition(cfg.partition, cfg.n_experts, alpha=cfg.dirichlet_alpha, has_coarse=cfg.dataset == "cifar100")
     except ValueError as e: raise ConfigError(f"partition: {e}") from None
     from expert_lab.tracking import check_tracking
