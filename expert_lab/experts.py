@@ -4,11 +4,18 @@
 
 # %% ../nbs/02_experts.ipynb #94d5f526
 from __future__ import annotations
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from .config import TrainConfig, project_root
+from .data import ImageDataset, load_dataset, default_val_size, validation_split
+
 # %% auto #0
-__all__ = ['PARTITIONS', 'check_partition', 'expert_partition', 'partition_counts', 'plot_partition']
+__all__ = ['PARTITIONS', 'check_partition', 'expert_partition', 'partition_counts', 'plot_partition', 'expert_split',
+           'check_batch_fits', 'ExpertData', 'data_root', 'prepare_expert_data']
 
 # %% ../nbs/02_experts.ipynb #ea3c5b37
 PARTITIONS = ('iid', 'classes', 'superclass', 'dirichlet', 'full')
@@ -106,3 +113,53 @@ def plot_partition(counts:torch.Tensor, # [n_experts, num_classes], as from `par
                 yticklabels=[f'expert {k}' for k in range(counts.shape[0])])
     ax.set_xlabel('class'); ax.set_title(f'images per class and expert (total {int(counts.sum())})')
     return ax
+
+# %% ../nbs/02_experts.ipynb #e91cca28
+def expert_split(cfg:TrainConfig, # val_size (-1: the dataset's default), partition, n_experts, dirichlet_alpha, min_shard_size, expert_id, seed
+                 train_y:torch.Tensor, # int64 labels of the whole training set
+                 coarse:torch.Tensor|None=None, # coarse labels aligned with `train_y` (for `superclass`)
+                )->tuple: # (train_idx, val_idx, parts): indices into the training set
+    "This expert's training indices, the validation indices every expert shares, and every expert's part."
+    train_y = torch.as_tensor(train_y).long().cpu()
+    size = default_val_size(cfg.dataset, len(train_y)) if cfg.val_size == -1 else cfg.val_size
+    pool, val_idx = validation_split(train_y, size, cfg.seed)
+    local = expert_partition(train_y[pool], cfg.n_experts, cfg.partition, cfg.seed, cfg.dirichlet_alpha,
+                             None if coarse is None else torch.as_tensor(coarse)[pool], cfg.min_shard_size)
+    parts = [pool[p] for p in local]  # partition indices point into `pool`; map them back to the training set
+    return parts[cfg.expert_id], val_idx, parts
+
+# %% ../nbs/02_experts.ipynb #abfbed74
+def check_batch_fits(cfg:TrainConfig, # batch_size and expert_id
+                     n_train:int, # the expert's training images, e.g. `len(expert_split(...)[0])`
+                    ):
+    "Raise `ValueError` if expert `cfg.expert_id` has fewer training images than one batch."
+    if n_train < cfg.batch_size:
+        raise ValueError(f"expert {cfg.expert_id} has {n_train} training images, fewer than batch_size="
+                         f"{cfg.batch_size}: use a smaller batch_size or fewer experts")
+
+# %% ../nbs/02_experts.ipynb #d1de73ec
+@dataclass(repr=False)
+class ExpertData:
+    "One expert's view of a dataset: its training indices, the shared validation indices and every expert's part."
+    dataset: ImageDataset  # the whole dataset, uint8 images on the CPU
+    train_idx: torch.Tensor  # this expert's indices into `dataset.train_x` (validation images excluded)
+    val_idx: torch.Tensor  # the held-out indices into `dataset.train_x`, the same for every expert
+    parts: list  # every expert's indices into `dataset.train_x`, for the partition heatmap
+    num_classes: int  # outputs of the classifier
+
+    def __repr__(self):
+        return (f"ExpertData({self.dataset.name}: {len(self.train_idx)} train, {len(self.val_idx)} val, "
+                f"{len(self.dataset.test_y)} test, {self.num_classes} classes, {len(self.parts)} experts)")
+
+def data_root(cfg:TrainConfig # `data_root` is resolved against the project root when relative
+             )->Path:
+    "The folder the dataset is read from."
+    p = Path(cfg.data_root)
+    return p if p.is_absolute() else project_root()/p
+
+def prepare_expert_data(cfg:TrainConfig # dataset, data_root and the settings `expert_split` reads
+                       )->ExpertData:
+    "Load the dataset, hold out the shared validation set, partition the rest and pick expert `cfg.expert_id`'s part."
+    ds = load_dataset(cfg.dataset, data_root(cfg))
+    train_idx, val_idx, parts = expert_split(cfg, ds.train_y, ds.train_coarse)
+    return ExpertData(ds, train_idx, val_idx, parts, ds.num_classes)

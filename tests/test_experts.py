@@ -122,3 +122,46 @@ def test_partition_counts_and_plot():
     assert [t.get_text() for t in ax.get_xticklabels()] == [f'c{i}' for i in range(10)]
     assert [t.get_text() for t in ax.get_yticklabels()] == ['expert 0', 'expert 1', 'expert 2']
     assert ax.collections[0].get_array().reshape(3, 10).tolist() == counts.tolist()
+
+
+# --- one expert's data, from the labels alone (the launcher's preflight uses this before any run folder exists)
+from dataclasses import replace
+
+from expert_lab.config import TrainConfig
+from expert_lab.experts import check_batch_fits, expert_split, prepare_expert_data
+
+
+def _cfg(**kw):
+    return TrainConfig(**{**dict(model="wideresnet10_1", dataset="cifar100", n_experts=4, partition="superclass",
+                                 device="cpu", val_size=200, batch_size=32), **kw})
+
+
+def test_expert_split_needs_only_labels_and_never_a_device(monkeypatch):
+    fine, coarse = _labels()
+    monkeypatch.setattr(torch.Tensor, "to", lambda *a, **k: pytest.fail("expert_split moved a tensor"))
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda *a, **k: pytest.fail("expert_split moved a tensor"))
+    splits = [expert_split(_cfg(expert_id=k), fine, coarse) for k in range(4)]
+    val = splits[0][1]
+    assert len(val) == 200 and all(torch.equal(s[1], val) for s in splits)  # one validation set for the group
+    assert all(torch.equal(s[0], s[2][k]) for k, s in enumerate(splits))
+    _assert_exact_cover([*splits[0][2], val], len(fine))  # validation plus the parts: every image exactly once
+    sc = partition_counts(coarse, splits[0][2], 20)
+    assert ((sc > 0).sum(0) == 1).all()  # superclasses whole, computed on the images left after validation
+
+
+def test_prepare_expert_data_is_expert_split_of_the_dataset():
+    cfg = TrainConfig(model="wideresnet10_1", dataset="digits", n_experts=3, expert_id=2, partition="dirichlet", device="cpu")
+    data = prepare_expert_data(cfg)
+    tr, val, parts = expert_split(cfg, data.dataset.train_y)
+    assert torch.equal(data.train_idx, tr) and torch.equal(data.val_idx, val) and len(data.val_idx) == 144  # default 10%
+    assert all(torch.equal(a, b) for a, b in zip(data.parts, parts))
+
+
+def test_bad_split_settings_fail_with_one_message_naming_the_value():
+    fine, coarse = _labels()
+    with pytest.raises(ValueError, match="Validation size 5000 is not allowed: use an integer from 0 to 1999"):
+        expert_split(_cfg(val_size=5000), fine, coarse)
+    with pytest.raises(ValueError, match="needs coarse labels"): expert_split(_cfg(), fine)
+    with pytest.raises(ValueError, match="expert 3 has 10 training images, fewer than batch_size=32"):
+        check_batch_fits(_cfg(expert_id=3), 10)
+    check_batch_fits(_cfg(), 32)

@@ -1,5 +1,6 @@
-"""Tests of the training engine (`expert_lab.train`): records, resume, faults, checkpoints, learning, benchmarks."""
-import json, math, os, signal, subprocess, sys, time
+"""Tests of the training engine (`expert_lab.train` and its parts: recipe, checkpoint, progress): records, resume, faults,
+checkpoints, a seeded run that must not change, learning, benchmarks."""
+import json, math, os, signal, subprocess, sys
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -11,32 +12,24 @@ from torch import nn
 from expert_lab.config import TrainConfig
 from expert_lab.models import create_model
 from expert_lab.models.registry import ModelCard, register_model
-from expert_lab.train import (CheckpointError, EMA, Progress, TrainState, load_checkpoint, lr_factor, prepare_expert_data,
-                              save_checkpoint, setup_training, train)
+from expert_lab import checkpoint
+from expert_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from expert_lab.experts import prepare_expert_data
+from expert_lab.progress import Progress
+from expert_lab.recipe import EMA, lr_factor
+from expert_lab.train import setup_training, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models train faster on one thread, and much faster on a shared, busy 2-core machine."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(**kw) -> TrainConfig:
-    "A seconds-long digits run: tiny wide ResNet, few steps, deterministic, on the CPU."
-    base = dict(model="wideresnet10_1", dataset="digits", n_experts=1, partition="iid", device="cpu", epochs=3,
-                batch_size=32, lr=0.05, steps_per_epoch=4, channels_last=False, hflip=False, drop_rate=0.0,
-                restart_period=2, deterministic=True)
-    return TrainConfig(**{**base, **kw})
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+TIMING = ("seconds", "images_per_sec")
 
 
 def same_run(a, b):
     "Histories and metrics equal, timings aside."
-    strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_sec")} for r in h]
+    strip = lambda h: [{k: v for k, v in r.items() if k not in TIMING} for r in h]
     assert strip(a["history"]) == strip(b["history"])
     keys = ("epochs_done", "best_epoch", "best_val_acc", "test_loss", "test_acc", "test_top5", "confusion", "per_class_acc")
     assert {k: a["metrics"][k] for k in keys} == {k: b["metrics"][k] for k in keys}
@@ -79,7 +72,7 @@ class Recorder:
 
 
 # --- data
-def test_prepare_expert_data_holds_out_one_validation_set():
+def test_prepare_expert_data_holds_out_one_validation_set(tiny):
     cfg = tiny(n_experts=3, partition="iid")
     ds = [prepare_expert_data(replace(cfg, expert_id=k)) for k in range(3)]
     val = set(ds[0].val_idx.tolist())
@@ -90,7 +83,7 @@ def test_prepare_expert_data_holds_out_one_validation_set():
 
 
 # --- the recipe's parts
-def test_lr_schedule_restarts_warmup_and_mult():
+def test_lr_schedule_restarts_warmup_and_mult(tiny):
     cfg = tiny(lr=0.1, warmup_epochs=2, restart_period=3, restart_mult=2, min_lr=0.0)
     f = [lr_factor(s, cfg, 10) for s in range(2*10 + 30 + 60 + 1)]
     assert f[0] == pytest.approx(0.05) and f[19] == pytest.approx(1.0)   # linear warm-up over 2 epochs
@@ -150,7 +143,7 @@ def test_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
 
 # --- runs
-def test_run_records_every_field_and_writes_checkpoints(tmp_path, capsys):
+def test_run_records_every_field_and_writes_checkpoints(tiny, tmp_path, capsys):
     hook = Recorder()
     r = train(tiny(ema=True), run_dir=tmp_path, hooks=[hook], progress="lines")
     m = r.metrics
@@ -175,7 +168,7 @@ def test_run_records_every_field_and_writes_checkpoints(tmp_path, capsys):
     assert sum(l.startswith("epoch ") for l in out.splitlines()) == 3  # one line per epoch when stderr is not a terminal
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tiny, tmp_path):
     cfg = tiny(ema=True)
     ref = train(cfg, progress="none")
     first = train(replace(cfg, epochs=2), run_dir=tmp_path, progress="none")
@@ -187,7 +180,7 @@ def test_resume_continues_exactly(tmp_path):
     assert again.history == r.history and again.metrics["test_acc"] == r.metrics["test_acc"] and again.metrics["restarts"] == 2
 
 
-def test_resume_refuses_another_runs_checkpoint(tmp_path):
+def test_resume_refuses_another_runs_checkpoint(tiny, tmp_path):
     train(tiny(epochs=1), run_dir=tmp_path, progress="none")
     with pytest.raises(CheckpointError, match="different run: seed=0 \\(now 1\\)"):
         train(tiny(epochs=2, seed=1), run_dir=tmp_path, progress="none")
@@ -195,14 +188,14 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
     assert r.metrics["resumed_from_epoch"] is None
 
 
-def test_corrupt_last_checkpoint_is_refused_before_any_compute(tmp_path):
+def test_corrupt_last_checkpoint_is_refused_before_any_compute(tiny, tmp_path):
     train(tiny(epochs=1), run_dir=tmp_path, progress="none")
     last = tmp_path/"checkpoints"/"last.pt"
     last.write_bytes(last.read_bytes()[:len(last.read_bytes())//3])
     with pytest.raises(CheckpointError, match=f"{last}.*truncated or corrupt"): train(tiny(epochs=2), run_dir=tmp_path, progress="none")
 
 
-def test_checkpoint_with_compile_prefix_resumes_uncompiled(tmp_path):
+def test_checkpoint_with_compile_prefix_resumes_uncompiled(tiny, tmp_path):
     cfg = tiny(epochs=2)
     train(replace(cfg, epochs=1), run_dir=tmp_path, progress="none")
     last = tmp_path/"checkpoints"/"last.pt"
@@ -215,7 +208,7 @@ def test_checkpoint_with_compile_prefix_resumes_uncompiled(tmp_path):
     assert st.net is not st.model and not any("_orig_mod" in k for k in st.state_dict()["model"])  # saved raw
 
 
-def test_nan_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(tiny, tmp_path):
     # 4 steps per epoch: training call 7 is step 3 of epoch 2
     r = train(tiny(model="_test_nan_at_7", epochs=4), run_dir=tmp_path, progress="none")
     m = r.metrics
@@ -225,14 +218,14 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(tmp
     assert m["test_acc"] is not None and m["best_epoch"] == 1  # the last good weights are evaluated
 
 
-def test_out_of_memory_names_the_batch_size_and_a_smaller_one(tmp_path):
+def test_out_of_memory_names_the_batch_size_and_a_smaller_one(tiny, tmp_path):
     hook = Recorder()
     r = train(tiny(model="_test_oom", batch_size=64), run_dir=tmp_path, hooks=[hook], progress="none")
     assert (r.metrics["status"], r.metrics["stop_reason"]) == ("failed", "error")
     assert "batch_size=64" in r.metrics["error"] and "--batch-size 32" in r.metrics["error"] and hook.results == [r]
 
 
-def test_other_errors_reach_the_hooks_and_are_raised(tmp_path):
+def test_other_errors_reach_the_hooks_and_are_raised(tiny, tmp_path):
     class Broken(Recorder):
         def on_epoch_end(self, record, state): raise ValueError("hook bug")
     hook = Broken()
@@ -240,7 +233,7 @@ def test_other_errors_reach_the_hooks_and_are_raised(tmp_path):
     assert hook.results[0].metrics["status"] == "failed" and "hook bug" in hook.results[0].metrics["error"]
 
 
-def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path):
+def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tiny, tmp_path):
     cfg = tiny(model="_test_sigint_at_6", epochs=3, ema=True)
     _SIGNALLED.clear()
     r = train(cfg, run_dir=tmp_path, progress="none")  # SIGINT during training call 6 = step 2 of epoch 2
@@ -254,7 +247,7 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path):
     same_run(dict(history=done.history, metrics=done.metrics), dict(history=ref.history, metrics=ref.metrics))
 
 
-def test_keyboard_interrupt_from_a_hook_ends_the_run_as_interrupted(tmp_path):
+def test_keyboard_interrupt_from_a_hook_ends_the_run_as_interrupted(tiny, tmp_path):
     class CtrlC:
         def on_epoch_end(self, record, state):
             if record["epoch"] == 2: raise KeyboardInterrupt
@@ -263,13 +256,13 @@ def test_keyboard_interrupt_from_a_hook_ends_the_run_as_interrupted(tmp_path):
     assert load_checkpoint(tmp_path/"checkpoints"/"last.pt")["epoch"] == 2
 
 
-def test_early_stopping_waits_for_min_epochs_and_patience():
+def test_early_stopping_waits_for_min_epochs_and_patience(tiny):
     # a linear model with a vanishing learning rate never improves on its first validation accuracy
     r = train(tiny(model="_test_linear", lr=1e-12, epochs=20, min_epochs=5, patience=2), progress="none")
     assert (r.metrics["stop_reason"], r.metrics["epochs_done"], r.metrics["best_epoch"]) == ("early_stop", 5, 1)
 
 
-def test_no_validation_set_turns_early_stopping_off(tmp_path, capsys):
+def test_no_validation_set_turns_early_stopping_off(tiny, tmp_path, capsys):
     r = train(tiny(val_size=0, epochs=2, min_epochs=0, patience=1), run_dir=tmp_path, progress="lines")
     m = r.metrics
     assert (m["status"], m["stop_reason"], m["epochs_done"], m["best_val_acc"]) == ("completed", "epochs_done", 2, None)
@@ -279,7 +272,7 @@ def test_no_validation_set_turns_early_stopping_off(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_on_the_cpu(tmp_path, precision):
+def test_mixed_precision_on_the_cpu(tiny, tmp_path, precision):
     r = train(tiny(model="_test_linear", epochs=1, precision=precision), run_dir=tmp_path, progress="none")
     assert r.metrics["status"] == "completed" and math.isfinite(r.history[0]["train_loss"])
     scaler = load_checkpoint(tmp_path/"checkpoints"/"last.pt")["scaler"]
@@ -299,7 +292,7 @@ def test_progress_in_notebooks_redraws_a_few_times_per_epoch():
 
 
 @pytest.mark.slow
-def test_compiled_run_resumes_uncompiled(tmp_path):
+def test_compiled_run_resumes_uncompiled(tiny, tmp_path):
     cfg = tiny(epochs=1, steps_per_epoch=2, compile=True)
     r = train(cfg, run_dir=tmp_path, progress="none")
     assert r.metrics["status"] == "completed"
@@ -332,36 +325,73 @@ def test_loss_falls_on_generated_cifar_files(tmp_path):
 
 # --- kill -9 in the middle of an epoch, then resume: same result as an uninterrupted run
 RUNNER = """
-import json, sys, torch
+import json, os, signal, sys, torch
 torch.set_num_threads(1)
+from torch import nn
 from expert_lab.config import TrainConfig
+from expert_lab.models import create_model
+from expert_lab.models.registry import ModelCard, register_model
 from expert_lab.train import train
+
+class KillAt(nn.Module):
+    "wideresnet10_1 whose process kills itself (SIGKILL, no clean-up) at training forward call $KILL_AT."
+    def __init__(self, num_classes=10, drop_rate=0.0):
+        super().__init__(); self.calls, self.net = 0, create_model("wideresnet10_1", num_classes=num_classes)
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == int(os.environ.get("KILL_AT", "0")): os.kill(os.getpid(), signal.SIGKILL)
+        return self.net(x)
+
+register_model(ModelCard("_test_kill_at", "test", KillAt))
 r = train(TrainConfig(**json.loads(sys.argv[1])), run_dir=sys.argv[2], progress="lines")
 json.dump(dict(metrics=r.metrics, history=r.history), open(sys.argv[3], "w"))
 """
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny, tmp_path):
+    "The victim kills itself in the middle of epoch 2 (step 3 of 6): the moment is one the run reaches, not a sleep."
     (tmp_path/"runner.py").write_text(RUNNER)
-    cfg = json.dumps(asdict(tiny(epochs=4, steps_per_epoch=40, ema=True, min_epochs=1, patience=100)))
+    steps = 6
+    cfg = json.dumps(asdict(tiny(model="_test_kill_at", epochs=3, steps_per_epoch=steps, ema=True, min_epochs=1, patience=100)))
     run = lambda d, out: [PY, str(tmp_path/"runner.py"), cfg, str(tmp_path/d), str(tmp_path/out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("KILL_AT", None)
     subprocess.run(run("ref", "ref.json"), check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
-    victim = subprocess.Popen(run("run", "victim.json"), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last, deadline = tmp_path/"run"/"checkpoints"/"last.pt", time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        if last.exists() and load_checkpoint(last)["epoch"] >= 1: break
-        time.sleep(0.02)
-    time.sleep(0.15)  # into epoch 2 (40 steps of about 25 ms each)
-    victim.send_signal(signal.SIGKILL); victim.wait()
-    assert victim.returncode == -signal.SIGKILL and not (tmp_path/"victim.json").exists()
-    assert load_checkpoint(last)["epoch"] == 1  # killed during epoch 2
+    victim = subprocess.run(run("run", "victim.json"), env={**env, "KILL_AT": str(steps + 3)}, cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert victim.returncode == -signal.SIGKILL and not (tmp_path/"victim.json").exists(), victim.stderr[-2000:]
+    assert "epoch   1/3" in victim.stdout and "epoch   2/3" not in victim.stdout  # it died inside epoch 2
+    last = load_checkpoint(tmp_path/"run"/"checkpoints"/"last.pt")
+    assert (last["epoch"], last["step"]) == (1, 0)  # what survives is the end of epoch 1
     subprocess.run(run("run", "resumed.json"), check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
     ref, res = (json.loads((tmp_path/f).read_text()) for f in ("ref.json", "resumed.json"))
-    assert res["metrics"]["status"] == "completed" and res["metrics"]["epochs_done"] == ref["metrics"]["epochs_done"] == 4
+    assert res["metrics"]["status"] == "completed" and res["metrics"]["epochs_done"] == ref["metrics"]["epochs_done"] == 3
     assert (res["metrics"]["resumed_from_epoch"], res["metrics"]["restarts"]) == (1, 1)
     same_run(res, ref)
+
+
+# --- behaviour kept: seeded runs recorded before train.py was split into modules
+SEEDED = json.loads((Path(__file__).parent/"seeded_runs.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(SEEDED))
+def test_seeded_run_matches_the_recorded_one(tiny, case):
+    "Same seed, same numbers: every history value and metric equals the one recorded (one CPU thread, deterministic)."
+    want = SEEDED[case]
+    r = train(tiny(**want["config"]), progress="none")
+    assert [{k: v for k, v in h.items() if k not in TIMING} for h in r.history] == want["history"]
+    assert r.metrics == want["metrics"]
+
+
+def test_the_tested_weights_are_the_ones_the_checkpoint_rule_names(tiny, tmp_path):
+    "The trainer and the ensemble agree on which weights were tested: `tested_weights` of best.pt (or last.pt)."
+    for name, kw in (("best.pt", dict(ema=True)), ("last.pt", dict(ema=True, val_size=0, epochs=2))):
+        r = train(tiny(**kw), run_dir=tmp_path/name, progress="none")
+        named = checkpoint.tested_weights(load_checkpoint(tmp_path/name/"checkpoints"/name))
+        tested = r.model.state_dict()
+        assert named.keys() == tested.keys() and all(torch.equal(named[k], v) for k, v in tested.items()), name
 
 
 # --- the benchmark scripts run
