@@ -4,38 +4,41 @@
 
 # %% ../nbs/09_lab.ipynb #b9bdd838
 from __future__ import annotations
-import os, secrets, socket, subprocess, sys
+import json, os, secrets, subprocess, sys, time
 from pathlib import Path
 
-from .config import project_root
+from .config import ConfigError, project_root
 
 # %% auto #0
-__all__ = ['KERNEL_NAME', 'START_PATH', 'lab_command', 'lab_url', 'start_lab']
+__all__ = ['KERNEL_NAME', 'START_PATH', 'PORT_RETRIES', 'lab_command', 'lab_url', 'server_info', 'wait_for_server', 'LabError',
+           'start_lab']
 
 # %% ../nbs/09_lab.ipynb #1af609f9
 KERNEL_NAME = "expert-lab"  # the kernel `make setup` registers inside .venv
 START_PATH = "nbs"  # where the lab opens, relative to the served root
+PORT_RETRIES = 50  # other ports Jupyter tries when the first is taken (`ServerApp.port_retries`, its own default)
 
 def _check_port(port):
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ValueError(f"port: must be an integer in 1..65535, got {port!r}")
+        raise ConfigError(f"port: must be an integer in 1..65535, got {port!r}")
 
-def lab_command(port:int=8888, # TCP port to listen on
+def lab_command(port:int=8888, # TCP port to try first
                 open_browser:bool=True, # open the default web browser at the lab
                 ip:str="127.0.0.1", # interface to listen on; loopback keeps the lab private to this machine
                 token:str|None=None, # access token; None lets Jupyter make a random one
                 root:str|Path|None=None, # folder the lab serves; default `project_root()`
                 allow_root:bool|None=None, # add `--allow-root`; None: exactly when running as root
+                port_retries:int=PORT_RETRIES, # other ports to try when `port` is taken; 0 fails instead
                )->list[str]:
     "The argument list that starts JupyterLab from this interpreter with the project's kernel, opening at `nbs/`."
     _check_port(port)
-    if not ip: raise ValueError("ip: must name an interface, such as 127.0.0.1")
+    if not ip: raise ConfigError("ip: must name an interface, such as 127.0.0.1")
     root = Path(root) if root is not None else project_root()
     if allow_root is None: allow_root = hasattr(os, "geteuid") and os.geteuid() == 0
-    cmd = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.ip={ip}", f"--ServerApp.port={port}",
-           "--ServerApp.port_retries=0",  # another port would not match the URL we print
-           f"--ServerApp.open_browser={open_browser}", f"--ServerApp.root_dir={root.resolve()}",
-           f"--LabApp.default_url=/lab/tree/{START_PATH}", f"--MultiKernelManager.default_kernel_name={KERNEL_NAME}"]
+    cmd = [sys.executable, "-m", "jupyterlab", f"--ServerApp.ip={ip}", f"--ServerApp.port={port}",
+           f"--ServerApp.port_retries={port_retries}", f"--ServerApp.open_browser={open_browser}",
+           f"--ServerApp.root_dir={root.resolve()}", f"--LabApp.default_url=/lab/tree/{START_PATH}",
+           f"--MultiKernelManager.default_kernel_name={KERNEL_NAME}"]
     if token is not None: cmd.append(f"--IdentityProvider.token={token}")
     if allow_root: cmd.append("--allow-root")
     return cmd
@@ -51,21 +54,48 @@ def lab_url(port:int=8888, # the server's port
     return f"http://{host}:{port}/lab/tree/{START_PATH}" + (f"?token={token}" if token else "")
 
 # %% ../nbs/09_lab.ipynb #58f9bc01
-def _check_kernel():
+def server_info(pid:int, # process id of the Jupyter server
+                runtime_dir:str|Path|None=None, # Jupyter's runtime folder; default `jupyter_runtime_dir()` (honours $JUPYTER_RUNTIME_DIR)
+               )->dict|None:
+    "What the server with process id `pid` says about itself (port, url, token, ...), or None until it has said it."
+    if runtime_dir is None:
+        from jupyter_core.paths import jupyter_runtime_dir
+        runtime_dir = jupyter_runtime_dir()
+    try: info = json.loads((Path(runtime_dir)/f"jpserver-{pid}.json").read_text())
+    except (OSError, ValueError): return None  # not written yet, or half written
+    return info if isinstance(info, dict) and info.get("pid") == pid and "port" in info else None
+
+# %% ../nbs/09_lab.ipynb #801a642c
+def wait_for_server(proc:subprocess.Popen, # the starting server
+                    runtime_dir:str|Path|None=None, # Jupyter's runtime folder; default `jupyter_runtime_dir()`
+                    poll_s:float=0.1, # how often to look for the file
+                   )->dict|None:
+    "The server's info once it listens, or None when it exits before that."
+    while proc.poll() is None:
+        if (info := server_info(proc.pid, runtime_dir)) is not None: return info
+        time.sleep(poll_s)
+    return None
+
+# %% ../nbs/09_lab.ipynb #6648ce6a
+class LabError(RuntimeError):
+    "JupyterLab cannot start in this environment; the message says what is missing and how to add it."
+
+def _check_installed():
+    import importlib.util
+    if importlib.util.find_spec("jupyterlab") is None:
+        raise LabError(f"JupyterLab is not installed in {sys.prefix}; run `make setup` or `{sys.executable} -m pip install jupyterlab`")
     from jupyter_client.kernelspec import KernelSpecManager
     if KERNEL_NAME not in KernelSpecManager().find_kernel_specs():
-        raise RuntimeError(f"the {KERNEL_NAME!r} Jupyter kernel is not registered; run `make setup` or "
-                           f"`{sys.executable} -m ipykernel install --sys-prefix --name {KERNEL_NAME}`")
+        raise LabError(f"the {KERNEL_NAME!r} Jupyter kernel is not registered; run `make setup` or "
+                       f"`{sys.executable} -m ipykernel install --sys-prefix --name {KERNEL_NAME}`")
 
-def _check_port_free(ip, port):
-    fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what Jupyter does too; TIME_WAIT is no obstacle
-        try: s.bind((ip, port))
-        except OSError as e: raise ValueError(f"port: {port} on {ip} is not available ({e.strerror}); choose another with --port") from None
+# %% ../nbs/09_lab.ipynb #201e71b8
+def _wait(proc):
+    while True:
+        try: return proc.wait()
+        except KeyboardInterrupt: continue  # Jupyter got the Ctrl-C too and handles it
 
-# %% ../nbs/09_lab.ipynb #dc2df3d2
-def start_lab(port:int=8888, # TCP port to listen on
+def start_lab(port:int=8888, # TCP port to try first; Jupyter moves to the next free one when it is taken
               open_browser:bool=True, # open the default web browser at the lab
               ip:str="127.0.0.1", # interface to listen on
               token:str|None=None, # access token; None makes a random one
@@ -74,12 +104,15 @@ def start_lab(port:int=8888, # TCP port to listen on
     token = secrets.token_hex(24) if token is None else token
     root = project_root()
     cmd = lab_command(port, open_browser, ip, token, root)
-    _check_kernel(); _check_port_free(ip, port)
-    print(f"JupyterLab on {root} (kernel {KERNEL_NAME}); stop it with Ctrl-C:\n    {lab_url(port, ip, token)}", flush=True)
+    _check_installed()
     proc = subprocess.Popen(cmd, cwd=root)
     try:
-        while True:
-            try: return proc.wait()
-            except KeyboardInterrupt: continue  # Jupyter got the Ctrl-C too and handles it
+        try: info = wait_for_server(proc)
+        except KeyboardInterrupt: info = None  # stopped while starting: Jupyter got the Ctrl-C too
+        if info is not None:
+            moved = f" (port {port} was taken)" if info["port"] != port else ""
+            print(f"JupyterLab on {root} (kernel {KERNEL_NAME}){moved}; stop it with Ctrl-C:\n"
+                  f"    {lab_url(info['port'], ip, token)}", flush=True)
+        return _wait(proc)
     finally:
         if proc.poll() is None: proc.terminate(); proc.wait(30)
