@@ -4,19 +4,23 @@
 
 # %% ../nbs/06b_ensemble.ipynb #d5e5ce48
 from __future__ import annotations
-import itertools, math
+import itertools, math, sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .runs import list_runs, read_json
+from .files import DamagedFile, read_json
+from .catalog import list_runs
 
 # %% auto #0
-__all__ = ['RUN_COLUMNS', 'runs_frame', 'latest_completed', 'group_size', 'run_histories', 'model_params', 'predict_probs',
-           'load_expert', 'experts_probs', 'accuracy', 'combine_mean', 'combine_routed', 'expert_classes',
-           'routing_accuracy', 'accuracy_vs_n']
+__all__ = ['RUN_COLUMNS', 'MIN_GATE_IMAGES', 'runs_frame', 'latest_completed', 'group_size', 'run_histories', 'model_params',
+           'predict_probs', 'load_expert', 'check_experts', 'heldout_indices', 'ExpertOutputs', 'experts_outputs',
+           'experts_probs', 'accuracy', 'combine_mean', 'combine_routed', 'expert_classes', 'routing_accuracy',
+           'gate_features', 'Gate', 'combine_gated', 'split_heldout', 'gate_loss', 'fit_gate', 'class_weights',
+           'accuracy_vs_n']
 
 # %% ../nbs/06b_ensemble.ipynb #24a91531
 RUN_COLUMNS = ("run", "model", "partition", "expert", "status", "best_val_acc", "test_acc", "epochs", "duration_s",
@@ -24,13 +28,21 @@ RUN_COLUMNS = ("run", "model", "partition", "expert", "status", "best_val_acc", 
 
 def _run_label(path): return "/".join(Path(path).parts[-4:])
 
+def _readable(rows:list # rows from `list_runs`
+             )->list:
+    "The rows that are not `damaged`; one warning line on stderr for each that is."
+    for r in rows:
+        if r.get("status") == "damaged": print(f"warning: skipping damaged run folder {r.get('path')}: {r.get('reason') or 'unreadable'}", file=sys.stderr)
+    return [r for r in rows if r.get("status") != "damaged"]
+
 def runs_frame(root:str|Path|None=None, # runs folder; None = the site settings' runs_dir
                model:str|None=None, # keep only this model ("" or None: all)
                partition:str|None=None, # "iid" or "iid-4" ("" or None: all)
                status:str|None=None, # completed, failed, running, interrupted ("" or None: all)
               )->pd.DataFrame:
     "The runs under `root` as a DataFrame, best test accuracy first, runs without one last."
-    rows = list_runs(root or None, model=model or None, partition=partition or None, status=status or None)
+    rows = _readable(list_runs(root or None, model=model or None, partition=partition or None))
+    rows = [r for r in rows if not status or r.get("status") == status]  # filtered here, so damaged folders are always named
     df = pd.DataFrame([{**r, "run": _run_label(r["path"])} for r in rows], columns=list(RUN_COLUMNS))
     df = df.astype({"best_val_acc": float, "test_acc": float})
     return df.sort_values(["test_acc", "best_val_acc"], ascending=False, na_position="last", kind="stable").reset_index(drop=True)
@@ -50,13 +62,19 @@ def group_size(runs:pd.DataFrame # from `latest_completed`: one partition group
     "The number of experts of the group, read from its partition label (`iid-4` -> 4); 0 for an empty table."
     return int(runs.partition.iloc[0].rsplit("-", 1)[1]) if len(runs) else 0
 
-# %% ../nbs/06b_ensemble.ipynb #690070cf
+# %% ../nbs/06b_ensemble.ipynb #f70c0387
+def _history(path:Path # a history.csv
+            )->pd.DataFrame|None:
+    "The table in `path`, or None (with one warning line on stderr) when it cannot be parsed."
+    try: return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        print(f"warning: skipping unreadable {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+
 def run_histories(runs:pd.DataFrame # from `runs_frame`
                  )->pd.DataFrame:
     "Every run's history.csv stacked into one table with the run's label, model, partition and expert."
-    frames = [pd.read_csv(Path(r.path)/"history.csv").assign(run=r.run, model=r.model, partition=r.partition, expert=r.expert)
-              for r in runs.itertuples() if (Path(r.path)/"history.csv").exists()]
-    frames = [f for f in frames if len(f)]
+    frames = [(_history(Path(r.path)/"history.csv"), r) for r in runs.itertuples() if (Path(r.path)/"history.csv").exists()]
+    frames = [f.assign(run=r.run, model=r.model, partition=r.partition, expert=r.expert) for f, r in frames if f is not None and len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "model", "partition", "expert", "epoch", "val_acc"])
 
 # %% ../nbs/06b_ensemble.ipynb #dcc52d95
@@ -87,42 +105,113 @@ def predict_probs(model:torch.nn.Module, # a trained classifier
            for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.empty(0, 0)
 
-# %% ../nbs/06b_ensemble.ipynb #20491e15
-def _weights(blob:dict)->dict:
-    "The state dict a run's test accuracy was measured with: the best-validating weights, raw or EMA."
-    ema, best = blob.get("ema"), blob.get("best") or {}
-    use_ema = ema is not None and (best.get("weights") == "ema" or best.get("val_acc") is None)
-    from expert_lab.train import _strip_compile_prefix  # the same rule the trainer uses when it resumes
-    return _strip_compile_prefix(ema["module"] if use_ema else blob["model"])
+# %% ../nbs/06b_ensemble.ipynb #82631506
+def _checkpoint(run_dir:Path)->Path:
+    "The checkpoint an ensemble loads: best.pt, or last.pt for a run without a validation set."
+    best = Path(run_dir)/"checkpoints"/"best.pt"
+    return best if best.exists() else best.with_name("last.pt")
 
 def load_expert(run_dir:str|Path, # a run folder with config.json and checkpoints/
                 num_classes:int, # outputs of the classifier (the dataset's number of classes)
                )->torch.nn.Module:
     "The run's model with the weights of its best validation epoch (`last.pt`'s without one), on the CPU, in eval mode."
+    from expert_lab.checkpoint import load_checkpoint, tested_weights
     from expert_lab.models import create_model
     from expert_lab.runs import load_run_config
-    from expert_lab.train import load_checkpoint
-    run_dir = Path(run_dir)
-    cfg, _ = load_run_config(run_dir)
-    ckpt = run_dir/"checkpoints"/("best.pt" if (run_dir/"checkpoints"/"best.pt").exists() else "last.pt")
+    cfg, _ = load_run_config(Path(run_dir))
     model = create_model(cfg.model, num_classes=num_classes, drop_rate=cfg.drop_rate)
-    model.load_state_dict(_weights(load_checkpoint(ckpt)))
+    model.load_state_dict(tested_weights(load_checkpoint(_checkpoint(run_dir))))
     return model.eval()
 
-# %% ../nbs/06b_ensemble.ipynb #78e3b49c
+# %% ../nbs/06b_ensemble.ipynb #a1fa4449
+def _head_classes(run_dir:Path)->int|None:
+    "Outputs of the run's classifier head, read from its checkpoint's shapes; None when that cannot be read."
+    try: sd = torch.load(_checkpoint(run_dir), map_location="cpu", weights_only=True, mmap=True)["model"]
+    except Exception: return None  # loading the weights later says precisely what is wrong with the file
+    heads = [v.shape[0] for k, v in sd.items() if k.endswith("head.fc.weight")]
+    return heads[0] if heads else None
+
+def _dataset_key(cfg)->str:
+    "A dataset's name, with its folder for `folder` datasets, whose classes are whatever that folder holds."
+    from expert_lab.experts import data_root
+    return f"{cfg.dataset} ({data_root(cfg)})" if cfg.dataset == "folder" else cfg.dataset
+
+def _completed_config(run_dir:Path):
+    "The run's config; ValueError (one line) unless it is a readable, completed run folder."
+    from expert_lab.runs import load_run_config
+    try: cfg, status = load_run_config(run_dir)[0], read_json(Path(run_dir)/"metrics.json", {}).get("status")
+    except (OSError, ValueError, KeyError, TypeError) as e: raise ValueError(f"{run_dir}: not a readable run folder ({str(e).splitlines()[0]})") from None
+    if status != "completed": raise ValueError(f"{run_dir}: not a completed run (status {status!r}); only completed experts are combined")
+    return cfg
+
+def _differ(what:str, by_run:dict)->str:
+    "One line naming each distinct value and a run that has it."
+    firsts = {}
+    for d, v in by_run.items(): firsts.setdefault(v, d)
+    return f"the experts have different {what} (" + "; ".join(f"{v} in {_run_label(d)}" for v, d in firsts.items()) + "); an ensemble needs one"
+
+def check_experts(run_dirs:list # run folders, one per expert, e.g. `latest_completed(...).path`
+                 )->None:
+    "Raise ValueError with one line unless `run_dirs` are completed experts of one dataset with one class count."
+    if not len(run_dirs): raise ValueError("no completed experts to combine")
+    data = {d: _dataset_key(_completed_config(d)) for d in run_dirs}
+    if len(set(data.values())) > 1: raise ValueError(_differ("datasets", data))
+    classes = {d: c for d in run_dirs if (c := _head_classes(d)) is not None}
+    if len(set(classes.values())) > 1: raise ValueError(_differ("class counts", {d: f"{c} classes" for d, c in classes.items()}))
+
+# %% ../nbs/06b_ensemble.ipynb #00368009
+def _partition(run_dir:str|Path)->dict:
+    "A run's partition.json: its training and validation indices into the training set."
+    part = read_json(Path(run_dir)/"partition.json")
+    if part is None: raise FileNotFoundError(f"{run_dir} has no partition.json")
+    return part
+
+def heldout_indices(run_dirs:list # run folders, one per expert
+                   )->torch.Tensor:
+    "Sorted training-set indices in every expert's validation split and in no expert's training part."
+    parts = [_partition(d) for d in run_dirs]
+    keep = set.intersection(*(set(p["val_idx"]) for p in parts)) - set().union(*(p["train_idx"] for p in parts))
+    return torch.tensor(sorted(keep), dtype=torch.long)
+
+# %% ../nbs/06b_ensemble.ipynb #56ed88fe
+@dataclass
+class ExpertOutputs:
+    "The experts' probabilities on the test set and on the held-out images, and the dataset they come from."
+    test: torch.Tensor  # [experts, test images, classes]
+    heldout: torch.Tensor  # [experts, held-out images, classes]
+    heldout_idx: torch.Tensor  # the held-out images' indices into `ds.train_x`, from `heldout_indices`
+    ds: object  # the `ImageDataset`
+
+    @property
+    def heldout_y(self)->torch.Tensor: return self.ds.train_y[self.heldout_idx]
+
+def experts_outputs(run_dirs:list, # run folders, one per expert
+                    device:str|torch.device="cpu", # where the networks run
+                    batch_size:int=1000, # images per forward pass
+                    heldout:bool=True, # also predict the held-out images (a learned gate's training data)
+                   )->ExpertOutputs:
+    "Each expert's probabilities on the test set and the held-out images, stacked `[experts, N, classes]`."
+    from expert_lab.data import load_dataset
+    from expert_lab.runs import load_run_config
+    from expert_lab.experts import data_root
+    cfgs = [load_run_config(d)[0] for d in run_dirs]
+    if len(names := {c.dataset for c in cfgs}) > 1: raise ValueError(f"the experts were trained on different datasets ({', '.join(sorted(names))}); an ensemble needs one")
+    ds = load_dataset(cfgs[0].dataset, data_root(cfgs[0]), download=False)
+    idx = heldout_indices(run_dirs) if heldout else torch.empty(0, dtype=torch.long)
+    test, held = [], []
+    for d in run_dirs:
+        net = load_expert(d, ds.num_classes)
+        test.append(predict_probs(net, ds.test_x, ds.mean, ds.std, device, batch_size))
+        held.append(predict_probs(net, ds.train_x[idx], ds.mean, ds.std, device, batch_size) if len(idx) else torch.empty(0, ds.num_classes))
+    return ExpertOutputs(torch.stack(test), torch.stack(held), idx, ds)
+
 def experts_probs(run_dirs:list, # run folders, one per expert
                   device:str|torch.device="cpu", # where the networks run
                   batch_size:int=1000, # images per forward pass
                  )->tuple:
     "Each expert's test-set probabilities stacked `[experts, N, classes]`, and the dataset they were computed on."
-    from expert_lab.data import load_dataset
-    from expert_lab.runs import load_run_config
-    from expert_lab.train import data_root
-    cfgs = [load_run_config(d)[0] for d in run_dirs]
-    if len(names := {c.dataset for c in cfgs}) > 1: raise ValueError(f"the experts were trained on different datasets ({', '.join(sorted(names))}); an ensemble needs one")
-    ds = load_dataset(cfgs[0].dataset, data_root(cfgs[0]), download=False)
-    probs = [predict_probs(load_expert(d, ds.num_classes), ds.test_x, ds.mean, ds.std, device, batch_size) for d in run_dirs]
-    return torch.stack(probs), ds
+    out = experts_outputs(run_dirs, device, batch_size, heldout=False)
+    return out.test, out.ds
 
 # %% ../nbs/06b_ensemble.ipynb #882d9eba
 def accuracy(probs:torch.Tensor, # [N, classes] probabilities (or scores)
@@ -142,14 +231,12 @@ def combine_routed(probs:torch.Tensor # [experts, N, classes]
     pick = probs.amax(-1).argmax(0)
     return probs[pick, torch.arange(probs.shape[1])], pick
 
-# %% ../nbs/06b_ensemble.ipynb #665a05d7
+# %% ../nbs/06b_ensemble.ipynb #aab52109
 def expert_classes(run_dir:str|Path, # a run folder with partition.json
                    train_y:torch.Tensor, # int64 labels of the dataset's training set
                   )->torch.Tensor:
     "The classes an expert trained on (sorted)."
-    part = read_json(Path(run_dir)/"partition.json")
-    if part is None: raise FileNotFoundError(f"{run_dir} has no partition.json")
-    return torch.as_tensor(train_y)[torch.as_tensor(part["train_idx"], dtype=torch.long)].unique()
+    return torch.as_tensor(train_y)[torch.as_tensor(_partition(run_dir)["train_idx"], dtype=torch.long)].unique()
 
 def routing_accuracy(pick:torch.Tensor, # [N] the expert each image went to, from `combine_routed`
                      y:torch.Tensor, # [N] true labels
@@ -159,6 +246,116 @@ def routing_accuracy(pick:torch.Tensor, # [N] the expert each image went to, fro
     owns = torch.zeros(len(classes), int(y.max()) + 1 if len(y) else 0, dtype=torch.bool)
     for k, c in enumerate(classes): owns[k, c[c < owns.shape[1]]] = True
     return owns[pick, y].float().mean().item()
+
+# %% ../nbs/06b_ensemble.ipynb #c280e40a
+def gate_features(probs:torch.Tensor # [experts, N, classes]
+                 )->torch.Tensor:
+    "The gate's input per image: every expert's log-probabilities, concatenated, `[N, experts*classes]`."
+    return probs.clamp_min(1e-6).log().permute(1, 0, 2).reshape(probs.shape[1], -1)
+
+class Gate(torch.nn.Module):
+    "A linear softmax gating network over frozen experts; starts at zero, i.e. as the mean ensemble."
+    def __init__(self, n_experts:int, # experts it weighs
+                 num_classes:int, # classes each expert predicts
+                ):
+        super().__init__()
+        self.linear = torch.nn.Linear(n_experts*num_classes, n_experts)
+        torch.nn.init.zeros_(self.linear.weight); torch.nn.init.zeros_(self.linear.bias)
+        # features are standardized with the fitting part's statistics, so one learning rate suits every dataset
+        self.register_buffer("center", torch.zeros(n_experts*num_classes)); self.register_buffer("scale", torch.ones(n_experts*num_classes))
+        self.fit_idx = self.stop_idx = torch.empty(0, dtype=torch.long)  # what the fit saw, set by `fit_gate`
+        self.best_step, self.stop_acc, self.mean_stop_acc = 0, None, None  # the kept step (0 = the mean) and how it scored
+
+    def forward(self, probs:torch.Tensor # [experts, N, classes]
+               )->torch.Tensor:
+        "Each image's weight per expert, `[N, experts]`, rows summing to one."
+        return self.weigh(gate_features(probs))
+
+    def weigh(self, feats:torch.Tensor # [N, experts*classes] from `gate_features`
+             )->torch.Tensor:
+        "The weights for features computed once (fitting reuses them every step)."
+        return torch.softmax(self.linear((feats - self.center)/self.scale), -1)
+
+def combine_gated(probs:torch.Tensor, # [experts, N, classes]
+                  gate:Gate, # a fitted gate, from `fit_gate`
+                 )->tuple[torch.Tensor, torch.Tensor]:
+    "The gate's mixture of the experts' probabilities `[N, classes]`, and its weights `[N, experts]`."
+    w = gate(probs)
+    return torch.einsum("ne,enc->nc", w, probs), w
+
+# %% ../nbs/06b_ensemble.ipynb #50ac2e10
+MIN_GATE_IMAGES = 10  # fewer held-out images than this leave too few to fit on and to stop on
+
+def split_heldout(n:int, # held-out images
+                  stop_frac:float=0.25, # share kept back for early stopping
+                  seed:int=0, # seeds the split
+                 )->tuple[torch.Tensor, torch.Tensor]:
+    "Positions `0..n-1` split at random into a fitting part and an early-stopping part (each sorted, neither empty)."
+    if n < MIN_GATE_IMAGES: raise ValueError(f"a gate needs at least {MIN_GATE_IMAGES} held-out images, got {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = min(max(1, round(n*stop_frac)), n - 1)
+    return perm[k:].sort().values, perm[:k].sort().values
+
+def gate_loss(probs:torch.Tensor, # [experts, N, classes]
+              y:torch.Tensor, # [N] true labels
+              gate:Gate, # the gate being fitted
+             )->torch.Tensor:
+    "Mean negative log-likelihood of the true labels under the gate's mixture."
+    return _nll(gate(probs), probs, y)
+
+def _nll(w, probs, y):
+    "The mixture's negative log-likelihood for weights `w`: only the true class's probabilities are mixed."
+    p_true = probs[:, torch.arange(len(y)), y].T  # [N, experts]
+    return -(w*p_true).sum(1).clamp_min(1e-8).log().mean()
+
+# %% ../nbs/06b_ensemble.ipynb #ef29d880
+def _state(gate): return {k: v.clone() for k, v in gate.state_dict().items()}
+
+@torch.no_grad()
+def _stop_score(gate, probs, y)->tuple[float, float]:
+    "Loss and accuracy of `gate` on the early-stopping part."
+    return gate_loss(probs, y, gate).item(), accuracy(combine_gated(probs, gate)[0], y)
+
+def fit_gate(probs:torch.Tensor, # [experts, N, classes] the experts' probabilities on the held-out images
+             y:torch.Tensor, # [N] their true labels
+             idx:torch.Tensor, # [N] their indices into the training set, recorded on the gate
+             weight_decay:float=1e-3, # L2 penalty on the gate's weights (pulls it towards the mean ensemble)
+             lr:float=0.01, # Adam's learning rate (the features are standardized)
+             max_steps:int=500, # most full-batch steps
+             patience:int=50, # stop after this many steps without a better early-stopping loss
+             stop_frac:float=0.25, # share of the held-out images kept back for early stopping
+             seed:int=0, # seeds the fitting / stopping split
+            )->Gate:
+    "A gate fitted on the held-out images, kept at the step with the lowest loss on its early-stopping part."
+    probs, y, idx = probs.detach().clone().float(), torch.as_tensor(y).clone(), torch.as_tensor(idx).clone()  # inference tensors cannot be fitted on
+    fit, stop = split_heldout(len(y), stop_frac, seed)
+    gate = Gate(probs.shape[0], probs.shape[2])
+    feats = gate_features(probs[:, fit])
+    gate.center, gate.scale = feats.mean(0), feats.std(0).nan_to_num(1.0).clamp_min(1e-3)
+    pfit, yfit = probs[:, fit], y[fit]
+    opt = torch.optim.Adam(gate.linear.parameters(), lr=lr)
+    best, floor = _stop_score(gate, probs[:, stop], y[stop])  # step 0 is the mean ensemble: the accuracy to keep
+    best_step, best_state, mean_acc = 0, _state(gate), floor
+    for step in range(1, max_steps + 1):
+        opt.zero_grad()
+        (_nll(gate.weigh(feats), pfit, yfit) + weight_decay*gate.linear.weight.square().sum()).backward()
+        opt.step()
+        loss, acc = _stop_score(gate, probs[:, stop], y[stop])
+        if loss < best and acc >= mean_acc: best, best_step, best_state, floor = loss, step, _state(gate), acc
+        elif step - best_step >= patience: break
+    gate.load_state_dict(best_state)
+    gate.fit_idx, gate.stop_idx, gate.best_step, gate.stop_acc, gate.mean_stop_acc = idx[fit], idx[stop], best_step, floor, mean_acc
+    return gate.eval().requires_grad_(False)
+
+# %% ../nbs/06b_ensemble.ipynb #e99ab3ed
+def class_weights(weights:torch.Tensor, # [N, experts] from `combine_gated`
+                  y:torch.Tensor, # [N] true labels
+                  num_classes:int, # classes of the dataset (rows of the table)
+                 )->pd.DataFrame:
+    "Mean gate weight of each expert (columns) over the images of each class (rows); NaN for a class with no images."
+    sums = torch.zeros(num_classes, weights.shape[1]).index_add_(0, y, weights.float())
+    counts = torch.bincount(y, minlength=num_classes).float()[:, None]
+    return pd.DataFrame((sums/counts).numpy(), columns=[f"expert {k}" for k in range(weights.shape[1])]).rename_axis("class")
 
 # %% ../nbs/06b_ensemble.ipynb #b393e9a5
 def _subsets(n, k, max_subsets, rng):
