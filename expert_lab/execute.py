@@ -15,7 +15,7 @@ from .runs import HISTORY_COLUMNS, RunFailed, finish_record, new_run_dir, run_su
 
 # %% auto #0
 __all__ = ['SMOKE', 'write_html', 'write_summary', 'forward_signals', 'Console', 'console_tee', 'runbook', 'execute_notebook',
-           'error_line', 'run_expert', 'open_notebook_run', 'HistoryCSV', 'recording', 'report_notebook']
+           'error_line', 'run_expert', 'open_notebook_run', 'HoldFolder', 'HistoryCSV', 'recording', 'report_notebook']
 
 # %% ../nbs/06f_execute.ipynb #0a5b68b0
 _OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
@@ -214,7 +214,8 @@ def run_expert(cfg:TrainConfig, # resolved, checked config
         if takeover: (console or print)(takeover)
         _keep_previous_report(run_dir)
         start_record(run_dir, cfg, sources, extra)
-        params = dict(config_json=json.dumps({"config": asdict(cfg), "sources": sources}), run_dir=str(run_dir), resume=resume)
+        params = dict(config_json=json.dumps({"config": asdict(cfg), "sources": sources}), run_dir=str(run_dir), resume=resume,
+                      lock_token=lock.token)  # the kernel joins our hold, and stops if it is ever lost
         err = execute_notebook(runbook(), run_dir/"report.ipynb", params, console=console, log_path=run_dir/"run.log")
         rec = read_json(run_dir/"metrics.json", {})
         if rec.get("status") in (None, "running"):  # the notebook never finished its record: it failed early or died
@@ -233,10 +234,12 @@ SMOKE = dict(model="wideresnet10_1", dataset="digits", n_experts=2, epochs=2, re
 def open_notebook_run(params:dict, # the notebook's parameters (its globals() will do)
                      )->tuple:
     "Resolve and check the config, take the run folder and start its record: (cfg, sources, run_dir, lock or None)."
-    if params.get("config_json"):  # expert-lab resolved, checked, and holds the folder
-        j = json.loads(params["config_json"])
-        return TrainConfig(**j["config"]), j["sources"], Path(params["run_dir"]), None
     from expert_lab.lock import RunLock
+    if params.get("config_json"):  # expert-lab resolved, checked, and holds the folder: join its hold
+        j, run_dir = json.loads(params["config_json"]), Path(params["run_dir"])
+        lock = RunLock(run_dir, join=params.get("lock_token")) if params.get("lock_token") else None
+        if lock is not None: lock.acquire()
+        return TrainConfig(**j["config"]), j["sources"], run_dir, lock
     from expert_lab.preflight import preflight
     smoke = params.get("smoke")
     if smoke is None: smoke = bool(os.environ.get("JPY_SESSION_NAME"))
@@ -253,6 +256,13 @@ def open_notebook_run(params:dict, # the notebook's parameters (its globals() wi
     return cfg, sources, run_dir, lock
 
 # %% ../nbs/06f_execute.ipynb #cebd752e
+class HoldFolder:
+    "A training hook that renews the run folder's lock each epoch; it raises `RunBusy` (stopping the run) once lost."
+    def __init__(self, lock # the notebook's `RunLock`, or None
+                ): self.lock = lock
+    def on_epoch_end(self, record, state):
+        if self.lock is not None: self.lock.refresh()
+
 class HistoryCSV:
     "A training hook that rewrites history.csv with the whole history after every epoch."
     def __init__(self, path:str|Path # the run's history.csv
@@ -265,7 +275,9 @@ def recording(run_dir:str|Path, # the run folder
               lock=None, # the notebook's `RunLock`, when it holds the folder itself (plain papermill)
              ):
     "Inside the notebook: finish the record as failed or interrupted if the block raises; release `lock` either way."
+    from expert_lab.lock import RunBusy
     try: yield
+    except RunBusy: raise  # the folder is someone else's now: write nothing more
     except KeyboardInterrupt:
         finish_record(run_dir, dict(status="interrupted", stop_reason="interrupt", error="KeyboardInterrupt outside a training step")); raise
     except Exception as e:
