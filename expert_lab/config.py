@@ -67,6 +67,10 @@ class TrainConfig:
     deterministic: bool = False  # deterministic kernels (slower; bit-exact resumes on the CPU)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     runs_dir: str = "runs"  # where run folders are written
+    # distillation: one student learns from the experts' ensemble
+    distill_from: str = ""  # experts to distil from, as <model>/<partition>-<n> (e.g. resnet18/iid-4); empty: labels only
+    distill_temperature: float = 4.0  # softmax temperature of the teacher's and student's soft targets
+    distill_alpha: float = 0.5  # weight of the soft-target loss; 1 - alpha weighs the hard labels
     # tracking
     wandb: bool = False  # log to Weights & Biases
     wandb_project: str = "expert-lab"  # wandb project name
@@ -156,7 +160,11 @@ def read_settings(path:str|Path|None=None # settings file; default `settings_pat
     "Read the site settings (an empty parser when the file does not exist)."
     cp = configparser.ConfigParser(inline_comment_prefixes=("#", ";"))
     p = Path(path) if path else settings_path()
-    if p.exists(): cp.read(p)
+    try:
+        if p.exists(): cp.read(p)
+    except configparser.Error as e:
+        line = f", line {e.lineno}" if getattr(e, "lineno", None) else ""
+        raise ConfigError(f"{p}: not a valid settings file{line} ({str(e).splitlines()[0]}); see settings.ini in the project for the format") from None
     return cp
 
 def settings_values(cp:configparser.ConfigParser # parsed site settings
@@ -190,10 +198,11 @@ CHOICES = {
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "wandb_mode": ("offline", "online", "disabled"),
 }
-_POSITIVE = ("epochs", "batch_size", "lr", "n_experts", "restart_period", "restart_mult", "patience", "ema_decay", "dirichlet_alpha")
+_POSITIVE = ("epochs", "batch_size", "lr", "n_experts", "restart_period", "restart_mult", "patience", "ema_decay", "dirichlet_alpha",
+             "distill_temperature")
 _NON_NEGATIVE = ("weight_decay", "momentum", "grad_clip", "warmup_epochs", "min_lr", "mixup_alpha", "cutmix_alpha",
                  "crop_padding", "min_epochs", "steps_per_epoch", "seed", "expert_id", "min_shard_size")
-_PROBABILITIES = ("label_smoothing", "random_erasing", "drop_rate", "ema_decay", "momentum")
+_PROBABILITIES = ("label_smoothing", "random_erasing", "drop_rate", "ema_decay", "momentum", "distill_alpha")
 
 def _check_device(d):
     if d in ("auto", "cpu", "cuda", "mps"): return
