@@ -13,9 +13,8 @@ from .config import (FIELD_TYPES, ConfigError, TrainConfig, check_key, config_ta
                                resolve_config)
 
 # %% auto #0
-__all__ = ['UsageError', 'add_config_flags', 'config_args', 'cmd_config', 'cmd_models', 'expert_ids', 'resolve_experts',
-           'ensure_data', 'check_train', 'train_one', 'train_local', 'cmd_train', 'cmd_runs', 'cmd_resume',
-           'cmd_compare', 'cmd_ensemble', 'cmd_lab', 'build_parser', 'main']
+__all__ = ['UsageError', 'add_config_flags', 'config_args', 'cmd_config', 'cmd_models', 'check_train', 'train_one', 'train_local',
+           'cmd_train', 'cmd_runs', 'cmd_resume', 'cmd_compare', 'cmd_ensemble', 'cmd_lab', 'build_parser', 'main']
 
 # %% ../nbs/08_cli.ipynb #6dace284
 class UsageError(Exception):
@@ -56,53 +55,12 @@ def cmd_models(ns):
     print(format_model_table(model_table(), markdown=ns.markdown))
 
 # %% ../nbs/08_cli.ipynb #fc8783fd
-def expert_ids(spec:str|None, # "3", "0,2", "all" or None (every expert)
-               n:int, # n_experts
-              )->list[int]:
-    "The expert ids `spec` names, each checked against `n`."
-    if spec in (None, "all"): return list(range(n))
-    try: ids = [int(s) for s in str(spec).split(",")]
-    except ValueError: raise ConfigError(f"expert_id: expected an integer, a comma-separated list or 'all', got {spec!r}") from None
-    for k in ids:
-        if not 0 <= k < n: raise ConfigError(f"expert_id: must be in 0..{n - 1} (n_experts={n}), got {k}")
-    return ids
-
-def resolve_experts(args:dict, # config values from the command line
-                    expert_spec:str|None, # "3", "0,2" or "all"/None for every expert
-                   )->list[tuple[TrainConfig, dict]]:
-    "One validated (config, sources) pair per expert to train."
-    base, _ = resolve_config(args)
-    env_id = os.environ.get("EXPERT_ID") or os.environ.get("EXPERT_LAB_EXPERT_ID")
-    spec = expert_spec if expert_spec is not None else env_id
-    out = []
-    for k in expert_ids(spec, base.n_experts):
-        cfg, src = resolve_config({**args, "expert_id": k})
-        if expert_spec is None and env_id is not None: src["expert_id"] = "env"
-        out.append((cfg, src))
-    return out
-
-# %% ../nbs/08_cli.ipynb #af57dd05
-def ensure_data(cfg:TrainConfig # resolved config
-               ):
-    "Make sure the dataset is on disk (downloading CIFAR when it is missing and the network allows) before any run starts."
-    from expert_lab.config import project_path
-    from expert_lab.data import DatasetError, check_dataset, load_dataset
-    root = project_path(cfg.data_root); existed = root.exists()
-    try:
-        try: check_dataset(cfg.dataset, root, download=False)
-        except DatasetError:
-            if cfg.dataset not in ("cifar100", "cifar10"): raise
-            load_dataset(cfg.dataset, root, download=True)
-    except DatasetError as e:
-        if not existed and root.is_dir() and not any(root.iterdir()): root.rmdir()  # a failed download leaves no trace
-        raise ConfigError(f"dataset: {e}") from None
-
 def check_train(jobs:list, # (config, sources) per expert
                 run_dir:str|None=None, # --run-dir
                ):
     "Everything `train` checks before it creates anything; raises `ConfigError` (or `RunBusy`)."
     from expert_lab.config import schedule_warning
-    from expert_lab.preflight import preflight
+    from expert_lab.preflight import ensure_data, preflight
     if warning := schedule_warning(jobs[0][0]): print(f"expert-lab: {warning}", file=sys.stderr)
     ensure_data(jobs[0][0])
     preflight([c for c, _ in jobs], run_dir=run_dir)
@@ -158,12 +116,16 @@ def train_local(jobs:list, # (config, sources) per expert, checked
     if fw.exit_status: return fw.exit_status
     return 1 if any(r.get("status") != "completed" for r in recs) else 0
 
-# %% ../nbs/08_cli.ipynb #58155691
+# %% ../nbs/08_cli.ipynb #aadf6645
 def _slurm_overrides(ns):
     # --slurm-partition is the Slurm queue; --partition is the expert partition (iid, classes, ...)
     keys = dict(partition_slurm="partition", account="account", time_min="time_min", gpus_per_task="gpus_per_task",
                 cpus_per_task="cpus_per_task", mem_gb="mem_gb", constraint="constraint", array_parallelism="array_parallelism")
     return {v: getattr(ns, k) for k, v in keys.items() if getattr(ns, k, None) is not None}
+
+def _command_line()->str:
+    import shlex
+    return shlex.join(["expert-lab", *sys.argv[1:]])
 
 def _check_options(ns, jobs):
     if ns.parallel < 1: raise ConfigError(f"parallel: must be >= 1, got {ns.parallel}")
@@ -174,10 +136,12 @@ def _check_options(ns, jobs):
 def cmd_train(ns):
     "Train the chosen experts through the papermill notebook (a sweep when a value is a list)."
     from expert_lab.sweeps import run_sweep, sweep_values
+    from expert_lab.preflight import resolve_experts
     args = config_args(ns, skip=("expert_id",))
     if ns.sweep or sweep_values(args):
+        if ns.run_dir: raise ConfigError("run_dir: --run-dir names one run folder; a sweep makes its own")
         return run_sweep(args, ns.expert_id, sweep_id=ns.sweep, parallel=ns.parallel, executor=ns.executor, dry_run=ns.dry_run,
-                         yes=ns.yes, retry_failed=ns.retry_failed, slurm_opts=_slurm_overrides(ns))
+                         yes=ns.yes, retry_failed=ns.retry_failed, slurm_opts=_slurm_overrides(ns), command=_command_line())
     jobs = resolve_experts(args, ns.expert_id)
     _check_options(ns, jobs)
     check_train(jobs, ns.run_dir)
@@ -192,7 +156,7 @@ def cmd_train(ns):
         return 0
     return train_local(jobs, ns.parallel, ns.run_dir)
 
-# %% ../nbs/08_cli.ipynb #239316c6
+# %% ../nbs/08_cli.ipynb #2e7a89e9
 def cmd_runs(ns):
     "List run folders."
     from expert_lab.catalog import list_runs, format_runs
@@ -206,31 +170,47 @@ def cmd_runs(ns):
 def cmd_resume(ns):
     "Continue an interrupted run in its own folder."
     from expert_lab.execute import forward_signals
-    from expert_lab.preflight import preflight
+    from expert_lab.preflight import check_run_dir, ensure_data, preflight
     from expert_lab.runs import load_run_config
     run_dir = Path(ns.run_dir).resolve()
     if not (run_dir/"config.json").exists(): raise ConfigError(f"run_dir: {run_dir} is not a run folder (no config.json)")
-    cfg, src = load_run_config(run_dir)
+    check_run_dir(None, run_dir, resume=False)  # held or damaged: say so before reading its config
+    try: cfg, src = load_run_config(run_dir)
+    except (OSError, KeyError, TypeError) as e: raise ConfigError(f"run_dir: {run_dir}/config.json cannot be used ({e})") from None
     ensure_data(cfg)
     preflight([cfg], run_dir=run_dir)
     with forward_signals() as fw: rec = train_one(cfg, src, run_dir)
     return fw.exit_status or (0 if rec.get("status") == "completed" else 1)
 
+def _warn_damaged(rows):
+    from expert_lab.catalog import damaged_note
+    if note := damaged_note(rows): print(note, file=sys.stderr)
+
 def cmd_compare(ns):
     "Execute the compare notebook over the chosen runs (or over a sweep)."
+    from expert_lab.catalog import list_runs
     from expert_lab.execute import report_notebook
     if ns.sweep:
         from expert_lab.sweeps import sweep_report
         print(sweep_report(ns.sweep)); return 0
+    _warn_damaged(list_runs(model=ns.model, partition=ns.partition))
     print(report_notebook("compare_runs", dict(model=ns.model or "", partition=ns.partition or "", status=ns.status or "")))
 
 def cmd_ensemble(ns):
-    "Execute the ensemble notebook for one model and partition."
+    "Execute the ensemble notebook for one model and partition, after checking its experts can be combined."
     from expert_lab.catalog import list_runs
+    from expert_lab.ensemble import check_experts, latest_completed, runs_frame
     from expert_lab.execute import report_notebook
-    if not list_runs(model=ns.model, partition=ns.partition, status="completed"):
+    rows = list_runs(model=ns.model, partition=ns.partition)
+    _warn_damaged(rows)
+    if not any(r["status"] == "completed" for r in rows):
         raise ConfigError(f"ensemble: no completed runs of model {ns.model!r} with partition {ns.partition!r}; "
                           f"`expert-lab runs` lists what there is")
+    import contextlib, io
+    with contextlib.redirect_stderr(io.StringIO()):  # damaged folders were named once, above
+        experts = latest_completed(runs_frame(None, ns.model, ns.partition, "completed"), ns.n_experts or 0)
+    try: check_experts(list(experts.path))
+    except ValueError as e: raise ConfigError(f"ensemble: {e}") from None
     print(report_notebook("ensemble", dict(model=ns.model, partition=ns.partition, n_experts=ns.n_experts or 0)))
 
 def cmd_lab(ns):
@@ -238,7 +218,7 @@ def cmd_lab(ns):
     from expert_lab.lab import start_lab
     return start_lab(port=ns.port, open_browser=not ns.no_browser)
 
-# %% ../nbs/08_cli.ipynb #0abe6b42
+# %% ../nbs/08_cli.ipynb #58155691
 def _train_parser(sub):
     s = sub.add_parser("train", help="train experts through the papermill notebook",
                        description="Train experts. A value given as a comma-separated list (--lr 0.05,0.1 --seed 0,1,2) "
@@ -265,6 +245,7 @@ def _train_parser(sub):
 
 def build_parser()->argparse.ArgumentParser:
     "The `expert-lab` argument parser."
+    from expert_lab.catalog import ROW_STATUSES
     p = _Parser(prog="expert-lab", description="Train, compare and combine expert classifiers on CIFAR-100.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     s = sub.add_parser("config", help="print the resolved config and each value's source"); add_config_flags(s); s.set_defaults(fn=cmd_config)
@@ -274,7 +255,7 @@ def build_parser()->argparse.ArgumentParser:
     for name, fn, hlp in (("runs", cmd_runs, "list runs"), ("compare", cmd_compare, "leaderboard notebook across runs")):
         s = sub.add_parser(name, help=hlp)
         s.add_argument("--model", help="only this model"); s.add_argument("--partition", help="only this partition (iid or iid-4)")
-        s.add_argument("--status", help="only runs with this status (completed, running, interrupted, failed, damaged)")
+        s.add_argument("--status", choices=ROW_STATUSES, help="only runs with this status")
         if name == "compare": s.add_argument("--sweep", metavar="ID", help="the report of one sweep: mean and spread over seeds")
         s.set_defaults(fn=fn)
     s = sub.add_parser("ensemble", help="combine the experts of one model and partition")
@@ -297,13 +278,19 @@ def _check_unknown(extra):
             raise UsageError(f"option {a.split('=')[0]} does not apply to this command")
         raise UsageError(f"unexpected argument {a!r}")
 
-# %% ../nbs/08_cli.ipynb #3f27c03b
-def _expected_errors()->tuple:
+# %% ../nbs/08_cli.ipynb #0abe6b42
+def _bad_input()->tuple:
+    "What a user typed or pointed at: exit status 2."
     from expert_lab.checkpoint import CheckpointError
     from expert_lab.data import DatasetError
-    from expert_lab.lab import LabError
     from expert_lab.lock import RunBusy
-    return (UsageError, ConfigError, RunBusy, DatasetError, CheckpointError, LabError, OSError)
+    return (UsageError, ConfigError, DatasetError, CheckpointError, RunBusy)
+
+def _failed()->tuple:
+    "What went wrong around a correct request (a missing runbook, a tool not installed, a disk error): exit status 1."
+    from expert_lab.lab import LabError
+    from expert_lab.runs import RunFailed
+    return (LabError, RunFailed, OSError)
 
 def main(argv:list[str]|None=None # arguments; default sys.argv[1:]
         )->int:
@@ -314,8 +301,10 @@ def main(argv:list[str]|None=None # arguments; default sys.argv[1:]
         return ns.fn(ns) or 0
     except KeyboardInterrupt:
         print("expert-lab: interrupted", file=sys.stderr); return 130
-    except _expected_errors() as e:
+    except _bad_input() as e:
         print(f"expert-lab: error: {e}", file=sys.stderr); return 2
+    except _failed() as e:
+        print(f"expert-lab: error: {e}", file=sys.stderr); return 1
     except Exception:
         import traceback
         traceback.print_exc()

@@ -294,9 +294,10 @@ def report_notebook(name:str, # runbook in nbs/: compare_runs, ensemble, sweep_r
     import datetime as dt, secrets
     from expert_lab.runs import runs_root
     if root is None: root = runs_root(resolve_config({}, check_names_too=False)[0])
+    src = runbook(name)  # a missing runbook is said before anything is created
     out = Path(root)/"reports"/f"{dt.datetime.now():%Y%m%d-%H%M%S}-{name}-{secrets.token_hex(2)}"
     out.mkdir(parents=True)
-    err = execute_notebook(runbook(name), out/"report.ipynb", {**parameters, "runs_dir": str(root)}, log_path=out/"run.log")
+    err = execute_notebook(src, out/"report.ipynb", {**parameters, "runs_dir": str(root)}, log_path=out/"run.log")
     if (out/"report.ipynb").exists(): write_html(out/"report.ipynb")
     if err is not None: raise RunFailed(out, error_line(err))
     return out/"report.html"

@@ -6,10 +6,52 @@
 from __future__ import annotations
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, pick_device
+import os
+from .config import ConfigError, TrainConfig, pick_device, project_path, resolve_config
 
 # %% auto #0
-__all__ = ['check_devices', 'check_shards', 'check_resume', 'preflight']
+__all__ = ['expert_ids', 'resolve_experts', 'ensure_data', 'check_devices', 'check_shards', 'check_run_dir', 'preflight']
+
+# %% ../nbs/05e_preflight.ipynb #8d425f79
+def expert_ids(spec:str|None, # "3", "0,2", "all" or None (every expert)
+               n:int, # n_experts
+              )->list[int]:
+    "The expert ids `spec` names, each checked against `n`."
+    if spec in (None, "all"): return list(range(n))
+    try: ids = [int(s) for s in str(spec).split(",")]
+    except ValueError: raise ConfigError(f"expert_id: expected an integer, a comma-separated list or 'all', got {spec!r}") from None
+    for k in ids:
+        if not 0 <= k < n: raise ConfigError(f"expert_id: must be in 0..{n - 1} (n_experts={n}), got {k}")
+    return ids
+
+def resolve_experts(args:dict, # config values from the command line
+                    expert_spec:str|None, # "3", "0,2" or "all"/None for every expert
+                   )->list[tuple[TrainConfig, dict]]:
+    "One validated (config, sources) pair per expert to train."
+    base, _ = resolve_config(args)
+    env_id = os.environ.get("EXPERT_ID") or os.environ.get("EXPERT_LAB_EXPERT_ID")
+    spec = expert_spec if expert_spec is not None else env_id
+    out = []
+    for k in expert_ids(spec, base.n_experts):
+        cfg, src = resolve_config({**args, "expert_id": k})
+        if expert_spec is None and env_id is not None: src["expert_id"] = "env"
+        out.append((cfg, src))
+    return out
+
+# %% ../nbs/05e_preflight.ipynb #41c7def4
+def ensure_data(cfg:TrainConfig # resolved config
+               ):
+    "Make sure the dataset is on disk (downloading CIFAR when it is missing and the network allows); `ConfigError` if not."
+    from expert_lab.data import DatasetError, check_dataset, load_dataset
+    root = project_path(cfg.data_root); existed = root.exists()
+    try:
+        try: check_dataset(cfg.dataset, root, download=False)
+        except DatasetError:
+            if cfg.dataset not in ("cifar100", "cifar10"): raise
+            load_dataset(cfg.dataset, root, download=True)
+    except DatasetError as e:
+        if not existed and root.is_dir() and not any(root.iterdir()): root.rmdir()
+        raise ConfigError(f"dataset: {e}") from None
 
 # %% ../nbs/05e_preflight.ipynb #a26db223
 def check_devices(cfgs:list # the configs of the runs about to start
@@ -17,10 +59,9 @@ def check_devices(cfgs:list # the configs of the runs about to start
     "Raise `ConfigError` when any run asks for a device this machine does not have."
     for name in dict.fromkeys(c.device for c in cfgs): pick_device(name)
 
-# %% ../nbs/05e_preflight.ipynb #bf0cca6c
+# %% ../nbs/05e_preflight.ipynb #ce712810
 def _dataset(cfg):
     from expert_lab.data import DatasetError, load_dataset
-    from expert_lab.config import project_path
     try: return load_dataset(cfg.dataset, project_path(cfg.data_root), download=False)
     except DatasetError as e: raise ConfigError(f"dataset: {e}") from None
 
@@ -40,20 +81,25 @@ def check_shards(cfgs:list, # configs of one group of experts: same dataset, par
         except ValueError as e: raise ConfigError(f"batch_size: {e} ({cfg.partition}, {cfg.n_experts} experts)") from None
     return sizes
 
-# %% ../nbs/05e_preflight.ipynb #6825c089
-def check_resume(cfg:TrainConfig, # the config the run will continue with
-                 run_dir:str|Path, # the run folder
-                ):
-    "Raise `ConfigError` when the folder's checkpoint cannot be resumed with `cfg`; `RunBusy` when someone holds it."
+# %% ../nbs/05e_preflight.ipynb #717a6e6f
+def check_run_dir(cfg:TrainConfig, # the config the run will train with
+                  run_dir:str|Path, # the named run folder
+                  resume:bool=True, # whether its checkpoint will be resumed
+                 ):
+    "Raise `RunBusy` when someone trains in `run_dir`; `ConfigError` when it is damaged or its checkpoint not resumable."
+    from expert_lab.catalog import read_run
     from expert_lab.checkpoint import CheckpointError, load_resume
     from expert_lab.lock import check_free
     run_dir = Path(run_dir)
+    if not run_dir.exists(): return
     check_free(run_dir)
-    if not (run_dir/"checkpoints"/"last.pt").exists(): return
+    if (run_dir/"metrics.json").exists() and (row := read_run(run_dir))["status"] == "damaged":
+        raise ConfigError(f"run_dir: {run_dir} is damaged ({row['reason']}); repair the file or choose another folder")
+    if not resume or not (run_dir/"checkpoints"/"last.pt").exists(): return
     try: load_resume(run_dir/"checkpoints", cfg)
     except CheckpointError as e: raise ConfigError(f"checkpoint: {e}") from None
 
-# %% ../nbs/05e_preflight.ipynb #9f0aab18
+# %% ../nbs/05e_preflight.ipynb #cd38b6f2
 def preflight(cfgs:list, # configs of the runs about to start (one group: same dataset and partition)
               run_dir:str|Path|None=None, # a named folder the (single) run trains in, resuming when it holds a checkpoint
               resume:bool=True, # whether that folder's checkpoint will be resumed
@@ -61,9 +107,5 @@ def preflight(cfgs:list, # configs of the runs about to start (one group: same d
     "Every check that the config and the dataset can decide, before any work; return {expert_id: shard size}."
     check_devices(cfgs)
     sizes = check_shards(cfgs)
-    if run_dir is not None and Path(run_dir).exists():
-        if resume: check_resume(cfgs[0], run_dir)
-        else:
-            from expert_lab.lock import check_free
-            check_free(run_dir)
+    if run_dir is not None: check_run_dir(cfgs[0], run_dir, resume)
     return sizes

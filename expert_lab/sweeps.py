@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .config import ConfigError, TrainConfig, check_key, coerce, resolve_config
 from .files import format_table, read_json, write_csv, write_json
-from .runs import RunFailed, new_run_dir, run_expert, runs_root
+from .execute import run_expert
+from .runs import RunFailed, new_run_dir, runs_root
 
 # %% auto #0
 __all__ = ['NO_SWEEP', 'MAX_RUNS', 'sweep_values', 'grid_points', 'point_label', 'resolve_grid', 'sweep_id', 'check_sweep_id',
@@ -63,7 +64,7 @@ def resolve_grid(args:dict, # config values from the command line; lists sweep
                 )->list[dict]:
     "One validated run per grid point and expert: `point`, `expert_id`, `config` and `sources`."
     from dataclasses import asdict
-    from expert_lab.cli import resolve_experts  # the CLI's own rule for choosing experts: a sweep trains what train would
+    from expert_lab.preflight import resolve_experts  # the same rule as `train`: a sweep trains what train would
     grid = sweep_values(args)
     fixed = {check_key(k): v for k, v in args.items() if check_key(k) not in grid}
     runs = []
@@ -178,22 +179,6 @@ def write_summary(rec:dict, # a sweep record
                       f"sweep {rec['id']}: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; summary: {path.parent/'summary.csv'}"])
 
 # %% ../nbs/07a_sweeps.ipynb #f7762816
-def _trainer():
-    "`run_expert` from its home (`expert_lab.execute`; `expert_lab.runs` before the move)."
-    try: from expert_lab.execute import run_expert as f
-    except ImportError: f = run_expert
-    return f
-
-def _to_stderr(line): print(line, file=sys.stderr, flush=True)
-
-def _train_kwargs(f, rec, run, log_output):
-    "The keyword arguments this `run_expert` takes: the sweep and point for config.json, and where its output goes."
-    params, kw = inspect.signature(f).parameters, {}
-    if "extra" in params: kw["extra"] = {"sweep": rec["id"], "point": run["point"]}
-    if "console" in params: kw["console"] = _to_stderr if log_output else None
-    elif "log_output" in params: kw["log_output"] = log_output
-    return kw
-
 def train_run(rec:dict, # the sweep record (updated in place)
               i:int, # which run
               path:Path, # where the record is written
@@ -206,8 +191,9 @@ def train_run(rec:dict, # the sweep record (updated in place)
     with lock:
         if not run["run_dir"]: run["run_dir"] = str(new_run_dir(cfg)); write_json(path, rec)
     print(f"sweep {rec['id']}: {_key(run)}: {run['run_dir']}", file=sys.stderr, flush=True)
-    f = _trainer()
-    try: return f(cfg, run["sources"], Path(run["run_dir"]), resume=True, **_train_kwargs(f, rec, run, log_output))
+    console = (lambda line: print(line, flush=True)) if log_output else None
+    try: return run_expert(cfg, run["sources"], Path(run["run_dir"]), resume=True, console=console,
+                           extra={"sweep": rec["id"], "point": run["point"]})
     except RunFailed as e: return {"status": "failed", "error": e.reason}
     except Exception as e: return {"status": "failed", "error": f"{type(e).__name__}: {e}"}  # one point never stops the others
 
@@ -293,7 +279,7 @@ def _check_options(parallel, executor):
         raise ConfigError(f"parallel: {parallel} applies to the local executor; on Slurm use --array-parallelism")
 
 def _ensure_data(rec, todo):
-    from expert_lab.cli import ensure_data
+    from expert_lab.preflight import ensure_data
     seen = {}
     for i in todo:
         c = rec["runs"][i]["config"]
@@ -426,7 +412,7 @@ def sweep_report(sid:str, # sweep id
                  root:str|Path|None=None, # the runs folder; default from the site settings
                 )->Path:
     "Execute nbs/sweep_report.ipynb for sweep `sid`; return the HTML report's path."
-    from expert_lab.runs import report_notebook
+    from expert_lab.execute import report_notebook
     root = Path(root) if root else _root({})
     load_sweep(sid, root)  # a sweep that does not exist is one line, before a kernel starts
     return report_notebook("sweep_report", dict(sweep_id=sid), root)
