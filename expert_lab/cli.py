@@ -144,6 +144,7 @@ def cmd_train(ns):
                          yes=ns.yes, retry_failed=ns.retry_failed, slurm_opts=_slurm_overrides(ns), command=_command_line())
     jobs = resolve_experts(args, ns.expert_id)
     _check_options(ns, jobs)
+    if ns.run_dir: ns.run_dir = str(Path(ns.run_dir).resolve())  # relative to where the command was typed
     check_train(jobs, ns.run_dir)
     if ns.executor == "slurm":
         from expert_lab.slurm import submit_experts

@@ -258,6 +258,14 @@ def project_path(p:str|Path # a path from the config; relative ones are relative
 # %% ../nbs/00_config.ipynb #0aa9d620
 SOURCES = ("default", "model", "settings", "env", "arg")
 
+def _origin(src, key, env):
+    "Where a bad value was written, so the user knows what to fix (nothing for flags: they are on the screen)."
+    if src == "settings": return f"{settings_path()}: "
+    if src == "env":
+        name = next((n for n, k in SEED_ENV.items() if k == key and env.get(n, "") != ""), f"EXPERT_LAB_{key.upper()}")
+        return f"environment variable {name}: "
+    return ""
+
 def resolve_config(args:Mapping|None=None, # explicit values (CLI flags, papermill parameters); highest priority
                    env:Mapping|None=None, # environment variables; default `os.environ`
                    settings:configparser.ConfigParser|None=None, # site settings; default `read_settings()`
@@ -274,7 +282,9 @@ def resolve_config(args:Mapping|None=None, # explicit values (CLI flags, papermi
     values = asdict(TrainConfig())
     sources = dict.fromkeys(values, "default")
     for src, layer in layers.items():
-        for k, v in layer.items(): values[k], sources[k] = coerce(k, v), src
+        for k, v in layer.items():
+            try: values[k], sources[k] = coerce(k, v), src
+            except ConfigError as e: raise ConfigError(f"{_origin(src, k, env)}{e}") from None
     for k in _PATH_KEYS: values[k] = str(project_path(values[k]))
     cfg = TrainConfig(**values)
     check_ranges(cfg)

@@ -206,6 +206,7 @@ def run_expert(cfg:TrainConfig, # resolved, checked config
               )->dict:
     "Train one expert by executing the training notebook into its run folder; return metrics.json's final record."
     from expert_lab.lock import RunLock
+    src = runbook()  # a missing runbook is said before any folder is made
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
@@ -216,7 +217,7 @@ def run_expert(cfg:TrainConfig, # resolved, checked config
         start_record(run_dir, cfg, sources, extra)
         params = dict(config_json=json.dumps({"config": asdict(cfg), "sources": sources}), run_dir=str(run_dir), resume=resume,
                       lock_token=lock.token)  # the kernel joins our hold, and stops if it is ever lost
-        err = execute_notebook(runbook(), run_dir/"report.ipynb", params, console=console, log_path=run_dir/"run.log")
+        err = execute_notebook(src, run_dir/"report.ipynb", params, console=console, log_path=run_dir/"run.log")
         rec = read_json(run_dir/"metrics.json", {})
         if rec.get("status") in (None, "running"):  # the notebook never finished its record: it failed early or died
             rec = finish_record(run_dir, dict(status="failed", error=error_line(err) if err else "the notebook ended without a result"))
