@@ -12,7 +12,7 @@ BIN = Path(sys.executable).parent
 CONFIG_ENV = ("MODEL_TYPE", "EXPERT_ID", "EPOCHS", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
 
 
-def _clean_env(tmp:Path, **extra)->dict:
+def isolated_env(tmp:Path, **extra)->dict:
     "os.environ without config variables, with settings, runs and data pointed into `tmp`."
     env = {k: v for k, v in os.environ.items() if k not in CONFIG_ENV and not k.startswith("EXPERT_LAB_")}
     env.update(EXPERT_LAB_SETTINGS=str(tmp/"settings.ini"), EXPERT_LAB_RUNS_DIR=str(tmp/"runs"),
@@ -20,22 +20,22 @@ def _clean_env(tmp:Path, **extra)->dict:
     return env | extra
 
 
-def _cli(tmp:Path, *args, env:dict|None=None, timeout:int=300)->subprocess.CompletedProcess:
+def run_cli(tmp:Path, *args, env:dict|None=None, timeout:int=300)->subprocess.CompletedProcess:
     "Run `expert-lab ARGS` from the repo root in the isolated environment of `tmp`."
-    return subprocess.run([str(BIN/"expert-lab"), *map(str, args)], cwd=REPO, env=env or _clean_env(tmp),
+    return subprocess.run([str(BIN/"expert-lab"), *map(str, args)], cwd=REPO, env=env or isolated_env(tmp),
                           capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
 def clean_env():
     "`clean_env(tmp, **extra)`: an environment whose settings, runs and data live under `tmp`."
-    return _clean_env
+    return isolated_env
 
 
 @pytest.fixture
 def cli():
     "`cli(tmp, *args, env=None, timeout=300)`: run the venv's `expert-lab` in `clean_env(tmp)`."
-    return _cli
+    return run_cli
 
 
 @pytest.fixture

@@ -1,19 +1,18 @@
-"""The notebooks as a user meets them: JupyterLab, and a real (headless) Chromium.
-
-`test_expert_lab_lab` checks the `expert-lab lab` command itself (no browser needed): the printed URL works, the
-project root is served, / goes to nbs/, `expert-lab` is the default kernel, and Ctrl-C stops it cleanly.
+"""The notebooks as a user meets them: JupyterLab, and a real (headless) Chromium. (The `expert-lab lab` command
+itself, without a browser, is tests/test_lab.py's.)
 
 `test_train_notebook_and_report_in_chromium`, in three acts, on a throw-away copy of nbs/ (JupyterLab saves and
 autosaves what it runs, and the source notebooks must stay clean):
 1. start JupyterLab as `expert-lab lab` does (`expert_lab.lab.lab_command`), on loopback, with a known token;
 2. open nbs/train_expert.ipynb, check it runs on the `expert-lab` kernel, Run All, wait, and check that every plot the
-   kernel sent is drawn and that no cell failed;
+   kernel sent is drawn and that no cell failed; in JupyterLab (JPY_SESSION_NAME set) the runbook's `smoke` parameter
+   (None) turns on by itself, so Run All is the seconds-long digits smoke run, and the test checks that it was;
 3. make a run report with `expert-lab train` and check that report.html draws its plots in the browser.
 Runs go to temporary runs folders (EXPERT_LAB_RUNS_DIR, which the kernels inherit from the server; --runs-dir).
 Screenshots land in tests/artifacts/ (git-ignored), failure.png too when it fails; their paths are printed (-s or -rA).
 
 Needs Debian's chromium and the `playwright` package (bash tools/browser-setup.sh). Without them the browser test is
-skipped, unless EXPERT_LAB_REQUIRE_BROWSER=1 (tools/test.sh sets it after running the set-up): then it fails.
+skipped, unless TEST_REQUIRE_BROWSER=1 (tools/test.sh sets it after running the set-up): then it fails.
 """
 from __future__ import annotations
 import json, os, secrets, shutil, signal, socket, subprocess, sys, time, urllib.request
@@ -35,7 +34,7 @@ MIN_PLOTS = 3  # the runbook draws the partition, a batch, learning curves, the 
 
 
 def _chromium() -> str | None:
-    for name in (os.environ.get("EXPERT_LAB_CHROMIUM"), "chromium", "chromium-browser"):
+    for name in (os.environ.get("TEST_CHROMIUM"), "chromium", "chromium-browser"):
         if name and shutil.which(name): return shutil.which(name)
     return None
 
@@ -48,7 +47,7 @@ def _need_browser():
     except ImportError: missing.append("the Python package `playwright`")
     if not missing: return
     msg = f"browser test needs {' and '.join(missing)}: run `bash tools/browser-setup.sh`"
-    if os.environ.get("EXPERT_LAB_REQUIRE_BROWSER") == "1": pytest.fail(msg + " (EXPERT_LAB_REQUIRE_BROWSER=1)")
+    if os.environ.get("TEST_REQUIRE_BROWSER") == "1": pytest.fail(msg + " (TEST_REQUIRE_BROWSER=1)")
     pytest.skip(msg)
 
 
@@ -288,7 +287,12 @@ def test_train_notebook_and_report_in_chromium(tmp_path):
                             shots={0: "lab-train-expert-first-plot.png", n_png - 1: "lab-train-expert-last-plot.png"})
         assert len(sizes) == n_png, f"{n_png} plots in the notebook, {len(sizes)} images on the page"
         assert all(w > 0 and h > 0 for w, h in sizes), f"plots that did not render: {sizes}"
-        assert sorted(runs.rglob("metrics.json")), f"the notebook's run folder is not under EXPERT_LAB_RUNS_DIR={runs}"
+        records = sorted(runs.rglob("metrics.json"))
+        assert records, f"the notebook's run folder is not under EXPERT_LAB_RUNS_DIR={runs}"
+        [record] = records
+        run = record.relative_to(runs).parts  # <model>/<partition>-<n>/expert-<k>/<timestamp>/metrics.json
+        assert run[:3] == ("wideresnet10_1", "iid-2", "expert-0"), f"not the smoke run (execute.SMOKE): {run}"
+        assert json.loads(record.read_text())["status"] == "completed", record.read_text()[:2000]
 
         # act 3: a run report made by `expert-lab train` draws its plots in the browser, offline, from a file
         report = make_report(tmp_path/"report-runs")
@@ -306,38 +310,3 @@ def test_train_notebook_and_report_in_chromium(tmp_path):
         assert all(w > 0 and h > 0 for w, h in sizes), f"report plots that did not render: {sizes}"
         assert "Traceback" not in rpage.inner_text("body")
         assert not page_errors, page_errors
-
-
-def test_expert_lab_lab(tmp_path):
-    "`expert-lab lab` serves the project, opens at nbs/ with the printed token, defaults to our kernel, stops on Ctrl-C."
-    port, log = _free_port(), tmp_path/"lab.log"
-    exe = Path(sys.executable).with_name("expert-lab")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from expert_lab.cli import main; sys.exit(main())"]
-    with open(log, "w") as out:  # its own process group, so that a Ctrl-C can go to all of it as in a terminal
-        proc = subprocess.Popen(cmd + ["lab", "--port", str(port), "--no-browser"], env=_lab_env(tmp_path, tmp_path/"runs"),
-                                cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    try:
-        deadline, url = time.monotonic() + 60, None
-        while url is None or not _answers(url):
-            assert proc.poll() is None, f"expert-lab lab exited with {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"no lab within 60 s:\n{log.read_text()}"
-            url = url or next((w for w in log.read_text().split() if w.startswith(f"http://127.0.0.1:{port}/")), None)
-            time.sleep(0.3)
-        assert url.startswith(f"http://127.0.0.1:{port}/lab/tree/nbs?token="), url
-        lab = Lab(f"http://127.0.0.1:{port}", url.split("token=")[1], log)
-        assert lab.api("kernelspecs")["default"] == KERNEL_NAME
-        names = {c["name"] for c in lab.api("contents")["content"]}
-        assert {"nbs", "settings.ini"} <= names, f"serves {sorted(names)}, not the project root {ROOT}"
-        with urllib.request.urlopen(f"{lab.base}/?token={lab.token}", timeout=10) as r:  # / goes to the lab at nbs/
-            assert r.geturl().startswith(f"{lab.base}/lab/tree/nbs"), r.geturl()
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(30) == 0, log.read_text()
-    finally:
-        _stop(proc)
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r: return r.status == 200
-    except OSError: return False

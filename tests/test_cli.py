@@ -7,27 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import isolated_env as clean_env, run_cli as cli
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# variables a developer's shell may set that would change what these commands resolve to
-_CONFIG_ENV = ("MODEL_TYPE", "EXPERT_ID", "EPOCHS", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
-
-
-def clean_env(tmp:Path, **extra)->dict:
-    "os.environ without config variables, with settings, runs and data pointed into `tmp`."
-    env = {k: v for k, v in os.environ.items() if k not in _CONFIG_ENV and not k.startswith("EXPERT_LAB_")}
-    env.update(EXPERT_LAB_SETTINGS=str(tmp/"settings.ini"), EXPERT_LAB_RUNS_DIR=str(tmp/"runs"),
-               EXPERT_LAB_DATA_ROOT=str(tmp/"data"), EXPERT_LAB_DEVICE="cpu", MPLBACKEND="Agg")
-    env.update(extra)
-    return env
-
-
-def cli(tmp:Path, *args, env:dict|None=None, timeout:int=120)->subprocess.CompletedProcess:
-    "Run `expert-lab ARGS` from the repo root in the isolated environment."
-    return subprocess.run([str(BIN/"expert-lab"), *map(str, args)], cwd=REPO, env=env or clean_env(tmp),
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def files_under(p:Path)->list:
     return sorted(str(f.relative_to(p)) for f in p.rglob("*")) if p.exists() else []
 

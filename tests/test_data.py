@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from expert_lab.data import (DATASETS, DatasetError, DeviceLoader, ImageDataset, channel_stats, check_dataset,
-                             default_val_size, load_dataset, validation_split, write_cifar_files)
+                             class_grouped_order, default_val_size, epoch_seed, load_dataset, validation_split,
+                             write_cifar_files)
 
 
 def _rewrite(path, **changes):
@@ -213,6 +214,34 @@ def test_validation_split_seed_and_errors():
     assert not torch.equal(validation_split(labels, 50, 0)[1], validation_split(labels, 50, 1)[1])
     for bad in (500, -3, 2.5):
         with pytest.raises(ValueError, match=f'Validation size {bad}'): validation_split(labels, bad, 0)
+
+
+def test_class_grouped_order_groups_by_class_and_shuffles_within():
+    labels = torch.randint(0, 7, (300,), generator=torch.Generator().manual_seed(1))
+    order = class_grouped_order(labels, torch.Generator().manual_seed(2))
+    assert torch.equal(order.sort().values, torch.arange(300))  # a permutation
+    assert torch.equal(labels[order], labels.sort().values)  # grouped, classes in increasing order
+    again = class_grouped_order(labels, torch.Generator().manual_seed(2))
+    other = class_grouped_order(labels, torch.Generator().manual_seed(3))
+    assert torch.equal(order, again) and not torch.equal(order, other)
+    assert not torch.equal(order, torch.argsort(labels, stable=True))  # shuffled within classes, not index order
+
+
+def test_validation_split_holds_out_the_head_of_each_class_in_the_grouped_order():
+    "The hold-out is the first quota of each class in `class_grouped_order` with the split's seed: one shared shuffle."
+    labels = torch.arange(40) % 4
+    order = class_grouped_order(labels, torch.Generator().manual_seed(9))
+    _, va = validation_split(labels, 8, seed=9)
+    assert torch.equal(va, order.view(4, 10)[:, :2].flatten().sort().values)  # 2 of each class's 10, the first two
+
+
+def test_epoch_seed_is_the_loaders_order():
+    x, y = torch.zeros(20, 1, 1, 1, dtype=torch.uint8), torch.arange(20)
+    dl = DeviceLoader(x, y, 20, seed=5)
+    dl.set_epoch(3)
+    want = torch.randperm(20, generator=torch.Generator().manual_seed(epoch_seed(5, 3)))
+    assert torch.equal(next(iter(dl))[1], want)
+    assert len({epoch_seed(s, e) for s in range(10) for e in range(500)}) == 5000
 
 
 def test_device_loader_epochs_and_pairing():

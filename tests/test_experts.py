@@ -49,6 +49,15 @@ def test_iid_is_stratified_and_balanced():
     assert sizes.max() - sizes.min() <= 1 and sizes.sum() == len(fine)
 
 
+def test_iid_deals_the_class_grouped_order():
+    "iid deals `class_grouped_order` (the validation split's shuffle, seeded alike) to the experts in turn."
+    from expert_lab.data import class_grouped_order
+    fine, _ = _labels()
+    order = class_grouped_order(fine, torch.Generator().manual_seed(4))
+    parts = expert_partition(fine, 3, 'iid', seed=4)
+    assert all(torch.equal(p, order[k::3].sort().values) for k, p in enumerate(parts))
+
+
 def test_classes_are_disjoint_and_even():
     fine, _ = _labels()
     counts = partition_counts(fine, expert_partition(fine, 7, 'classes'), 100)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from expert_lab.models import (UnknownModelError, create_model, format_model_table, list_models, model_exists,
-                               model_table)
+from expert_lab.models import (ModelCard, UnknownModelError, create_model, format_model_table, list_models, model_exists,
+                               model_table, recipe_defaults, register_model)
 from expert_lab.models import count_macs, count_params
 
 # Parameters with a 100-class head, recorded from the reference implementation each model matches (see the family
@@ -42,6 +42,46 @@ def meta_model(name, **kw):
 def test_list_models():
     assert set(list_models()) == set(REFERENCE_PARAMS)  # every registered model has its count pinned
     assert list_models('densenet*') == ['densenet121', 'densenet169', 'densenet201', 'densenet_bc100_k12']
+
+
+# Each model's recipe defaults, as config's MODEL_DEFAULTS held them before they moved onto the cards (plus the two
+# models it missed: densenet_bc100_k12 like the DenseNets, preact_resnext29_16x64d like resnext29_16x64d).
+_DENSE, _LARGE = dict(weight_decay=1e-4, drop_rate=0.0), dict(batch_size=64, lr=0.05)
+RECIPES = {
+    'densenet121': _DENSE, 'densenet169': _DENSE, 'densenet201': _DENSE | _LARGE, 'efficient_densenet': _DENSE | _LARGE,
+    'densenet_bc100_k12': _DENSE,
+    'resnext29_8x64d': dict(drop_rate=0.0), 'resnext29_16x64d': dict(drop_rate=0.0) | _LARGE,
+    'preact_resnext29_8x64d': dict(drop_rate=0.0), 'preact_resnext29_16x64d': dict(drop_rate=0.0) | _LARGE,
+}
+
+
+@pytest.mark.parametrize('name', [*sorted(REFERENCE_PARAMS), 'wideresnet10_1', 'wideresnet22_8'])
+def test_recipe_defaults(name):
+    assert recipe_defaults(name) == RECIPES.get(name, {})
+
+
+def test_recipe_defaults_are_copies_and_names_are_checked():
+    recipe_defaults('densenet121')['lr'] = 1.0
+    assert recipe_defaults('densenet121') == _DENSE
+    with pytest.raises(UnknownModelError, match="Did you mean 'densenet121'"): recipe_defaults('densenet12')
+    with pytest.raises(ValueError, match=r'6n\+4'): recipe_defaults('wideresnet27_10')
+
+
+def test_a_test_model_exists_only_inside_its_with_block():
+    linear = lambda num_classes, drop_rate: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3*32*32, num_classes))
+    card = ModelCard('linear_probe', 'test', linear, recipe=dict(lr=0.5))
+    with register_model(card):
+        assert 'linear_probe' in list_models() and recipe_defaults('linear_probe') == dict(lr=0.5)
+        assert create_model('linear_probe', num_classes=4)(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+        assert 'linear_probe' in [r['name'] for r in model_table(published=False)]  # a family the table does not know
+    assert 'linear_probe' not in list_models() and not model_exists('linear_probe')
+
+
+def test_registering_over_a_name_is_undone_too():
+    stand_in = ModelCard('resnet18', 'test', lambda num_classes, drop_rate: torch.nn.Identity())
+    with register_model(stand_in):
+        assert isinstance(meta_model('resnet18'), torch.nn.Identity)
+    assert count_params(meta_model('resnet18')) == REFERENCE_PARAMS['resnet18']
 
 
 @pytest.mark.parametrize('name', sorted(REFERENCE_PARAMS))
@@ -146,8 +186,8 @@ def test_model_table():
         assert r['expected'][0] < r['expected'][1]
         if r['top1'] is not None: assert r['expected'][0] - 2 <= r['top1'] <= r['expected'][1]
     plain, md = format_model_table(rows).splitlines(), format_model_table(rows, markdown=True).splitlines()
-    assert len(plain) == len(md) == len(rows) + 2
-    assert plain[0].split()[:2] == ['model', 'family'] and set(plain[1]) == {'-', ' '}
+    assert len(plain) == len(rows) + 1 and len(md) == len(rows) + 2  # plain: files.format_table, a header line
+    assert plain[0].split()[:2] == ['model', 'family'] and plain[1].split()[:2] == [rows[0]['name'], rows[0]['family']]
     assert all(l.startswith('| ') and l.endswith(' |') for l in md) and md[1].startswith('| --- |')
     assert set(model_table(published=False)[0]) == {'name', 'family', 'params', 'macs'}
 

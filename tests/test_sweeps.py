@@ -11,12 +11,13 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from conftest import CONFIG_ENV as _CONFIG_ENV, isolated_env as clean_env
+
 from expert_lab.config import ConfigError
 from expert_lab.files import read_json, write_json
 from expert_lab.sweeps import open_sweep, point_summary, report_keys, run_sweep, sweep_frame, sweep_report
 
 REPO = Path(__file__).resolve().parents[1]
-_CONFIG_ENV = ("MODEL_TYPE", "EXPERT_ID", "EPOCHS", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
 # what `expert-lab train` does with a grid: run_sweep, and a ConfigError as one line with exit status 2
@@ -48,14 +49,6 @@ def train(cfg, *args, run_dir=None, hooks=(), **kw):
     return _train(cfg, *args, run_dir=run_dir, hooks=[*hooks, _KillTheSweep(run_dir)], **kw)
 _t.train = train
 """
-
-
-def clean_env(tmp:Path, **extra)->dict:
-    "os.environ without config variables, with settings, runs and data pointed into `tmp`."
-    env = {k: v for k, v in os.environ.items() if k not in _CONFIG_ENV and not k.startswith("EXPERT_LAB_")}
-    env.update(EXPERT_LAB_SETTINGS=str(tmp/"settings.ini"), EXPERT_LAB_RUNS_DIR=str(tmp/"runs"),
-               EXPERT_LAB_DATA_ROOT=str(tmp/"data"), EXPERT_LAB_DEVICE="cpu", MPLBACKEND="Agg")
-    return env | extra
 
 
 def grid_args(tmp:Path, **kw)->dict:
@@ -233,10 +226,10 @@ def test_dry_run_prints_the_grid_and_creates_nothing(tmp_path, monkeypatch, caps
 
 @pytest.fixture(scope="module")
 def slurm():
-    "A Slurm that answers; skipped only where none is installed and EXPERT_LAB_REQUIRE_SLURM is unset."
+    "A Slurm that answers; skipped only where none is installed and TEST_REQUIRE_SLURM is unset."
     if not shutil.which("sinfo"):
         msg = "Slurm is not installed (no sinfo on PATH); start one with: tools/slurm.sh start"
-        if os.environ.get("EXPERT_LAB_REQUIRE_SLURM"): pytest.fail(msg + " (EXPERT_LAB_REQUIRE_SLURM is set)")
+        if os.environ.get("TEST_REQUIRE_SLURM"): pytest.fail(msg + " (TEST_REQUIRE_SLURM is set)")
         pytest.skip(msg)
     r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=60)
     if r.returncode or not r.stdout.strip():
