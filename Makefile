@@ -33,7 +33,7 @@ test: $(STAMP)
 	bash tools/test.sh
 
 test-fast: $(STAMP)
-	EXPERT_LAB_FAST=1 bash tools/test.sh
+	TEST_FAST=1 bash tools/test.sh
 
 lab: $(STAMP)
 	$(BIN)/expert-lab lab

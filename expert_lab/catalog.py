@@ -108,7 +108,7 @@ def read_run(run_dir:str|Path # a run folder
 def runs_folder(root:str|Path|None=None # runs folder; None: `runs_dir` from the settings and environment
                )->Path:
     "The folder that holds all run folders."
-    return project_path(root if root is not None else resolve_config({}, check_names_too=False)[0].runs_dir)
+    return project_path(root if root is not None else resolve_config({})[0].runs_dir)
 
 def list_runs(root:str|Path|None=None, # runs folder; default from the site settings
               model:str|None=None, # keep only this model

@@ -9,8 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from .config import (FIELD_TYPES, ConfigError, TrainConfig, check_key, config_table, did_you_mean, field_docs,
-                               resolve_config)
+from .config import FIELD_TYPES, ConfigError, TrainConfig, check_key, config_table, did_you_mean, field_docs
 
 # %% auto #0
 __all__ = ['UsageError', 'add_config_flags', 'config_args', 'cmd_config', 'cmd_models', 'check_train', 'train_one', 'train_local',
@@ -46,7 +45,8 @@ def config_args(ns:argparse.Namespace, # parsed arguments
 # %% ../nbs/08_cli.ipynb #06ecb986
 def cmd_config(ns):
     "Print the resolved config and where each value came from."
-    cfg, sources = resolve_config(config_args(ns))
+    from expert_lab.preflight import resolve_run
+    cfg, sources = resolve_run(config_args(ns))
     print(config_table(cfg, sources))
 
 def cmd_models(ns):

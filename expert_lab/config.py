@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 # %% auto #0
-__all__ = ['MODEL_DEFAULTS', 'FIELD_TYPES', 'CONFIG_SECTIONS', 'KERNEL_NAME', 'SEED_ENV', 'CHOICES', 'SOURCES', 'TrainConfig',
-           'model_defaults', 'ConfigError', 'coerce', 'did_you_mean', 'check_key', 'project_root', 'settings_path',
-           'read_settings', 'settings_values', 'env_values', 'check_ranges', 'check_names', 'project_path',
-           'resolve_config', 'config_table', 'pick_device', 'field_docs', 'explicit_args', 'schedule_warning']
+__all__ = ['FIELD_TYPES', 'CONFIG_SECTIONS', 'KERNEL_NAME', 'SEED_ENV', 'CHOICES', 'SOURCES', 'TrainConfig', 'ConfigError',
+           'coerce', 'did_you_mean', 'check_key', 'project_root', 'settings_path', 'read_settings', 'settings_values',
+           'env_values', 'check_ranges', 'project_path', 'resolve_config', 'config_table', 'pick_device', 'field_docs',
+           'explicit_args', 'schedule_warning']
 
 # %% ../nbs/00_config.ipynb #1268046b
 @dataclass
@@ -76,22 +76,6 @@ class TrainConfig:
     wandb_project: str = "expert-lab"  # wandb project name
     wandb_mode: str = "offline"  # offline, online or disabled
     tensorboard: bool = False  # also write TensorBoard event files
-
-# %% ../nbs/00_config.ipynb #44372bcc
-MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "densenet121": dict(weight_decay=1e-4, drop_rate=0.0),
-    "densenet169": dict(weight_decay=1e-4, drop_rate=0.0),
-    "densenet201": dict(weight_decay=1e-4, drop_rate=0.0, batch_size=64, lr=0.05),
-    "efficient_densenet": dict(weight_decay=1e-4, drop_rate=0.0, batch_size=64, lr=0.05),
-    "resnext29_8x64d": dict(drop_rate=0.0),
-    "resnext29_16x64d": dict(drop_rate=0.0, batch_size=64, lr=0.05),
-    "preact_resnext29_8x64d": dict(drop_rate=0.0),
-}
-
-def model_defaults(model:str # architecture name
-                  )->dict:
-    "Per-model defaults for `model` (parametric wide ResNets share one entry)."
-    return dict(MODEL_DEFAULTS.get(model, {}))
 
 # %% ../nbs/00_config.ipynb #5303f574
 class ConfigError(ValueError):
@@ -180,7 +164,7 @@ def settings_values(cp:configparser.ConfigParser # parsed site settings
 
 # %% ../nbs/00_config.ipynb #d2b67591
 SEED_ENV = {"MODEL_TYPE": "model", "EXPERT_ID": "expert_id", "EPOCHS": "epochs"}
-_ENV_NOT_KEYS = {"SETTINGS", "ROOT", "FAST", "REQUIRE_SLURM", "REQUIRE_BROWSER", "CHROMIUM"}
+_ENV_NOT_KEYS = {"SETTINGS", "ROOT"}  # locations (settings file, project root), read by `settings_path` and `project_root`
 
 def env_values(env:Mapping # environment, usually `os.environ`
               )->dict:
@@ -225,27 +209,6 @@ def check_ranges(cfg:TrainConfig # a fully resolved config
         if getattr(cfg, k) not in allowed: raise ConfigError(f"{k}: {getattr(cfg, k)!r} is not one of {', '.join(allowed)}")
     _check_device(cfg.device)
 
-# %% ../nbs/00_config.ipynb #8abed40c
-def check_names(cfg:TrainConfig # a fully resolved config
-               ):
-    "Raise a `ConfigError` when the model, dataset or partition is unknown or impossible."
-    from expert_lab.models import model_card, list_models, UnknownModelError
-    try: model_card(cfg.model)
-    except UnknownModelError:
-        raise ConfigError(f"model: unknown model {cfg.model!r}{did_you_mean(cfg.model, list_models())}; "
-                          f"choose one of {', '.join(list_models())} or wideresnet<depth>_<width>") from None
-    except ValueError as e: raise ConfigError(f"model: {e}") from None  # a parametric name with impossible numbers
-    from expert_lab.data import DATASETS
-    if cfg.dataset not in DATASETS:
-        raise ConfigError(f"dataset: {cfg.dataset!r} is not one of {', '.join(DATASETS)}{did_you_mean(cfg.dataset, DATASETS)}")
-    from expert_lab.experts import PARTITIONS, check_partition
-    if cfg.partition not in PARTITIONS:
-        raise ConfigError(f"partition: {cfg.partition!r} is not one of {', '.join(PARTITIONS)}{did_you_mean(cfg.partition, PARTITIONS)}")
-    try: check_partition(cfg.partition, cfg.n_experts, alpha=cfg.dirichlet_alpha, has_coarse=cfg.dataset == "cifar100")
-    except ValueError as e: raise ConfigError(f"partition: {e}") from None
-    from expert_lab.tracking import check_tracking
-    check_tracking(cfg)
-
 # %% ../nbs/00_config.ipynb #9eee7ae3
 _PATH_KEYS = ("data_root", "runs_dir")
 
@@ -255,7 +218,7 @@ def project_path(p:str|Path # a path from the config; relative ones are relative
     p = Path(p).expanduser()
     return p if p.is_absolute() else project_root()/p
 
-# %% ../nbs/00_config.ipynb #0aa9d620
+# %% ../nbs/00_config.ipynb #45879d55
 SOURCES = ("default", "model", "settings", "env", "arg")
 
 def _origin(src, key, env):
@@ -269,7 +232,7 @@ def _origin(src, key, env):
 def resolve_config(args:Mapping|None=None, # explicit values (CLI flags, papermill parameters); highest priority
                    env:Mapping|None=None, # environment variables; default `os.environ`
                    settings:configparser.ConfigParser|None=None, # site settings; default `read_settings()`
-                   check_names_too:bool=True, # also check model/dataset/partition names against their modules
+                   model_defaults=None, # model name -> its recipe defaults; None: no model layer (see `preflight.resolve_run`)
                   )->tuple[TrainConfig, dict]:
     "Resolve the config layers into a `TrainConfig` and a dict saying where each value came from."
     env = os.environ if env is None else env
@@ -278,7 +241,7 @@ def resolve_config(args:Mapping|None=None, # explicit values (CLI flags, papermi
               "arg": {check_key(k): v for k, v in (args or {}).items() if v is not None}}
     # the model decides which per-model defaults apply, so find it first (highest layer wins)
     model = next((coerce("model", l["model"]) for l in reversed(layers.values()) if "model" in l), TrainConfig.model)
-    layers = {"model": model_defaults(model), **layers}
+    layers = {"model": model_defaults(model) if model_defaults else {}, **layers}
     values = asdict(TrainConfig())
     sources = dict.fromkeys(values, "default")
     for src, layer in layers.items():
@@ -288,7 +251,6 @@ def resolve_config(args:Mapping|None=None, # explicit values (CLI flags, papermi
     for k in _PATH_KEYS: values[k] = str(project_path(values[k]))
     cfg = TrainConfig(**values)
     check_ranges(cfg)
-    if check_names_too: check_names(cfg)
     return cfg, sources
 
 # %% ../nbs/00_config.ipynb #8f620847

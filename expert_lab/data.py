@@ -11,9 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .files import atomic_write
+
 # %% auto #0
-__all__ = ['DATASETS', 'CACHE_NAME', 'DatasetError', 'ImageDataset', 'channel_stats', 'default_val_size', 'validation_split',
-           'load_dataset', 'write_cifar_files', 'check_dataset', 'DeviceLoader']
+__all__ = ['DATASETS', 'CACHE_NAME', 'DatasetError', 'ImageDataset', 'channel_stats', 'default_val_size', 'class_grouped_order',
+           'validation_split', 'load_dataset', 'write_cifar_files', 'check_dataset', 'epoch_seed', 'DeviceLoader']
 
 # %% ../nbs/01_data.ipynb #7c9e57d9
 DATASETS = ('cifar100', 'cifar10', 'digits', 'folder')
@@ -71,7 +73,15 @@ def default_val_size(name:str, # dataset name, one of `DATASETS`
     _check_name(name)
     return min(5000, round(n_train/10))
 
-# %% ../nbs/01_data.ipynb #64fbf602
+# %% ../nbs/01_data.ipynb #7e17821b
+def class_grouped_order(labels:torch.Tensor, # int64 class labels, on the CPU
+                        generator:torch.Generator, # a seeded CPU generator; one `randperm` is drawn from it
+                       ) -> torch.Tensor: # a permutation of `range(len(labels))`
+    "Indices grouped by class (classes in increasing order), shuffled within each class."
+    perm = torch.randperm(len(labels), generator=generator)
+    return perm[torch.argsort(labels[perm], stable=True)]
+
+# %% ../nbs/01_data.ipynb #8b6613a4
 def _quotas(counts, size):
     "Split `size` over classes in proportion to `counts`, largest remainders first, so the quotas sum to `size`."
     exact = counts.double()*size/counts.sum()
@@ -89,9 +99,7 @@ def validation_split(labels:torch.Tensor, # int64 class labels of the training s
     n = len(labels)
     if not isinstance(size, int) or not 0 <= size < n:
         raise ValueError(f'Validation size {size!r} is not allowed: use an integer from 0 to {n-1} (the training set has {n} images).')
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    order = perm[torch.argsort(labels[perm], stable=True)] # grouped by class, random within each class
+    order = class_grouped_order(labels, torch.Generator().manual_seed(seed))
     counts = torch.bincount(labels)
     rank = torch.arange(n) - (counts.cumsum(0) - counts).repeat_interleave(counts)
     is_val = rank < _quotas(counts, size)[labels[order]]
@@ -258,7 +266,7 @@ def _folder_classes(root):
     if extra := sorted(set(test) - set(train)): raise DatasetError(f'{Path(root)/"test"} has classes that {Path(root)/"train"} lacks: {", ".join(extra)}.')
     return train, test
 
-# %% ../nbs/01_data.ipynb #5b702b48
+# %% ../nbs/01_data.ipynb #f25235e8
 def _read_image(path, size=32):
     from PIL import Image
     try:
@@ -293,10 +301,10 @@ def _read_cache(path, key):
     return blob if blob.get('key') == key else None
 
 def _write_cache(path, blob):
-    import os
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try: torch.save(blob, tmp); os.replace(tmp, path)
-    except OSError: tmp.unlink(missing_ok=True)  # a read-only data folder: decode every time, still correct
+    import io
+    buf = io.BytesIO(); torch.save(blob, buf)
+    try: atomic_write(path, buf.getvalue())
+    except OSError: pass  # a read-only data folder: decode every time, still correct
 
 def _folder(root):
     train, test = _folder_classes(root)
@@ -330,9 +338,14 @@ def _takes_generator(f):
     try: return 'generator' in inspect.signature(f).parameters
     except (TypeError, ValueError): return False
 
-# %% ../nbs/01_data.ipynb #85a70f08
-def _epoch_seed(seed, epoch): return (seed*1_000_003 + epoch) % 2**63
+# %% ../nbs/01_data.ipynb #8c572ff4
+def epoch_seed(seed:int, # the run's seed
+               epoch:int, # the epoch, counted from 0
+              ) -> int: # a seed for `torch.Generator.manual_seed`
+    "The seed of epoch `epoch`'s data order and augmentation: distinct for every (seed, epoch) a run meets."
+    return (seed*1_000_003 + epoch) % 2**63
 
+# %% ../nbs/01_data.ipynb #b1549e2b
 class DeviceLoader:
     "Batches of uint8 images held on `device`, in a seeded order per epoch, transformed on the device."
     def __init__(self,
@@ -363,7 +376,7 @@ class DeviceLoader:
         return n//b if self.drop_last else math.ceil(n/b)
 
     def __iter__(self):
-        seed, self.epoch = _epoch_seed(self.seed, self.epoch), self.epoch + 1
+        seed, self.epoch = epoch_seed(self.seed, self.epoch), self.epoch + 1
         n, b = len(self.x), self.batch_size
         order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(self.device) if self.shuffle
                  else torch.arange(n, device=self.device))

@@ -241,11 +241,11 @@ def open_notebook_run(params:dict, # the notebook's parameters (its globals() wi
         lock = RunLock(run_dir, join=params.get("lock_token")) if params.get("lock_token") else None
         if lock is not None: lock.acquire()
         return TrainConfig(**j["config"]), j["sources"], run_dir, lock
-    from expert_lab.preflight import preflight
+    from expert_lab.preflight import preflight, resolve_run
     smoke = params.get("smoke")
     if smoke is None: smoke = bool(os.environ.get("JPY_SESSION_NAME"))
     args = explicit_args(params)
-    cfg, sources = resolve_config({**SMOKE, **args} if smoke else args)
+    cfg, sources = resolve_run({**SMOKE, **args} if smoke else args)
     if w := schedule_warning(cfg): print(w)
     run_dir, resume = params.get("run_dir") or None, params.get("resume", True)
     preflight([cfg], run_dir, resume)
@@ -294,7 +294,7 @@ def report_notebook(name:str, # runbook in nbs/: compare_runs, ensemble, sweep_r
     "Execute an analysis runbook into runs/reports/<timestamp>-<name>/ and return the HTML report's path."
     import datetime as dt, secrets
     from expert_lab.runs import runs_root
-    if root is None: root = runs_root(resolve_config({}, check_names_too=False)[0])
+    if root is None: root = runs_root(resolve_config({})[0])
     src = runbook(name)  # a missing runbook is said before anything is created
     out = Path(root)/"reports"/f"{dt.datetime.now():%Y%m%d-%H%M%S}-{name}-{secrets.token_hex(2)}"
     out.mkdir(parents=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig, project_root
-from .data import ImageDataset, load_dataset, default_val_size, validation_split
+from .config import TrainConfig, project_path
+from .data import ImageDataset, class_grouped_order, load_dataset, default_val_size, validation_split
 
 # %% auto #0
 __all__ = ['PARTITIONS', 'check_partition', 'expert_partition', 'partition_counts', 'plot_partition', 'expert_split',
@@ -39,8 +39,7 @@ def check_partition(kind:str, # one of `PARTITIONS`
 
 # %% ../nbs/02_experts.ipynb #056d7a64
 def _iid(labels, n, g):
-    perm = torch.randperm(len(labels), generator=g)
-    order = perm[torch.argsort(labels[perm], stable=True)]
+    order = class_grouped_order(labels, g)  # the validation split's stratified shuffle
     owner = torch.arange(len(labels)) % n
     return [order[owner == k] for k in range(n)]
 
@@ -154,8 +153,7 @@ class ExpertData:
 def data_root(cfg:TrainConfig # `data_root` is resolved against the project root when relative
              )->Path:
     "The folder the dataset is read from."
-    p = Path(cfg.data_root)
-    return p if p.is_absolute() else project_root()/p
+    return project_path(cfg.data_root)
 
 def prepare_expert_data(cfg:TrainConfig # dataset, data_root and the settings `expert_split` reads
                        )->ExpertData:

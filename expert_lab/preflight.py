@@ -7,12 +7,48 @@ from __future__ import annotations
 from pathlib import Path
 
 import os
-from .config import ConfigError, TrainConfig, pick_device, project_path, resolve_config
+from .config import ConfigError, TrainConfig, did_you_mean, pick_device, project_path, resolve_config
 
 # %% auto #0
-__all__ = ['expert_ids', 'resolve_experts', 'ensure_data', 'check_devices', 'check_shards', 'check_run_dir', 'preflight']
+__all__ = ['check_names', 'resolve_run', 'expert_ids', 'resolve_experts', 'ensure_data', 'check_devices', 'check_shards',
+           'check_run_dir', 'preflight']
 
 # %% ../nbs/05e_preflight.ipynb #8d425f79
+def check_names(cfg:TrainConfig # a fully resolved config
+               ):
+    "Raise a `ConfigError` when the model, dataset or partition is unknown or impossible, or tracking cannot work."
+    from expert_lab.data import DATASETS
+    from expert_lab.experts import PARTITIONS, check_partition
+    from expert_lab.models import UnknownModelError, list_models, model_card
+    from expert_lab.tracking import check_tracking
+    try: model_card(cfg.model)
+    except UnknownModelError:
+        raise ConfigError(f"model: unknown model {cfg.model!r}{did_you_mean(cfg.model, list_models())}; "
+                          f"choose one of {', '.join(list_models())} or wideresnet<depth>_<width>") from None
+    except ValueError as e: raise ConfigError(f"model: {e}") from None  # a parametric name with impossible numbers
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(f"dataset: {cfg.dataset!r} is not one of {', '.join(DATASETS)}{did_you_mean(cfg.dataset, DATASETS)}")
+    if cfg.partition not in PARTITIONS:
+        raise ConfigError(f"partition: {cfg.partition!r} is not one of {', '.join(PARTITIONS)}{did_you_mean(cfg.partition, PARTITIONS)}")
+    try: check_partition(cfg.partition, cfg.n_experts, alpha=cfg.dirichlet_alpha, has_coarse=cfg.dataset == "cifar100")
+    except ValueError as e: raise ConfigError(f"partition: {e}") from None
+    check_tracking(cfg)
+
+def _recipe(model):
+    from expert_lab.models import recipe_defaults
+    try: return recipe_defaults(model)
+    except ValueError: return {}  # an unknown name: check_names says so, with the nearest one
+
+def resolve_run(args:dict|None=None, # explicit values (flags, papermill parameters)
+                env=None, # environment; default os.environ
+                settings=None, # site settings; default read_settings()
+               )->tuple[TrainConfig, dict]:
+    "The config of a run from every layer, the model's recipe defaults included, with every name checked."
+    cfg, sources = resolve_config(args, env=env, settings=settings, model_defaults=_recipe)
+    check_names(cfg)
+    return cfg, sources
+
+# %% ../nbs/05e_preflight.ipynb #d21ee004
 def expert_ids(spec:str|None, # "3", "0,2", "all" or None (every expert)
                n:int, # n_experts
               )->list[int]:
@@ -28,12 +64,12 @@ def resolve_experts(args:dict, # config values from the command line
                     expert_spec:str|None, # "3", "0,2" or "all"/None for every expert
                    )->list[tuple[TrainConfig, dict]]:
     "One validated (config, sources) pair per expert to train."
-    base, _ = resolve_config(args)
+    base, _ = resolve_run(args)
     env_id = os.environ.get("EXPERT_ID") or os.environ.get("EXPERT_LAB_EXPERT_ID")
     spec = expert_spec if expert_spec is not None else env_id
     out = []
     for k in expert_ids(spec, base.n_experts):
-        cfg, src = resolve_config({**args, "expert_id": k})
+        cfg, src = resolve_run({**args, "expert_id": k})
         if expert_spec is None and env_id is not None: src["expert_id"] = "env"
         out.append((cfg, src))
     return out

@@ -13,7 +13,8 @@ from submitit.core.utils import FailedJobError
 
 import expert_lab
 from .config import ConfigError, TrainConfig, project_root, read_settings
-from .runs import expert_dir, new_run_dir, read_json, run_expert, runs_root, write_json
+from .files import read_json, write_json
+from .runs import expert_dir, new_run_dir, run_expert, runs_root
 
 # %% auto #0
 __all__ = ['SlurmError', 'SlurmUnavailable', 'SlurmResources', 'slurm_resources', 'cluster_partitions', 'check_slurm_resources',

@@ -233,7 +233,7 @@ def load_sweep(sid:str, # sweep id
     return rec, path
 
 def _root(args):
-    return runs_root(resolve_config({k: v for k, v in args.items() if check_key(k) == "runs_dir"}, check_names_too=False)[0])
+    return runs_root(resolve_config({k: v for k, v in args.items() if check_key(k) == "runs_dir"})[0])
 
 def open_sweep(args:dict, # config values from the command line; lists sweep
                expert_spec:str|None=None, # which experts, as for `expert-lab train --expert-id`

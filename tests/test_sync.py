@@ -50,7 +50,10 @@ class ReadsEveryStep(nn.Module):
         if self.training: self.seen.append(out.detach().float().mean().item())
         return out
 
-register_model(ModelCard("_test_reads_every_step", "test", ReadsEveryStep))
+@pytest.fixture(autouse=True, scope="module")
+def own_models():
+    "This file's own model, registered only while its tests run (`list_models` elsewhere never sees it)."
+    with register_model(ModelCard("_test_reads_every_step", "test", ReadsEveryStep)): yield
 
 
 def epoch_reads(cfg)->Counter:

@@ -29,7 +29,7 @@ def test_missing_tracker_package_is_a_config_error(monkeypatch):
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    cfg, _ = resolve_config(dict(model="wideresnet10_1", dataset="digits"), env={}, check_names_too=False)
+    cfg, _ = resolve_config(dict(model="wideresnet10_1", dataset="digits"), env={})
     check_tracking(cfg)  # wandb off: nothing to check
     with pytest.raises(ConfigError, match="pip install wandb"):
         check_tracking(cfg.__class__(**{**cfg.__dict__, "wandb": True}))

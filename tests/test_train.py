@@ -59,10 +59,16 @@ def _sigint_once(m, out):
         _SIGNALLED.append(1); os.kill(os.getpid(), signal.SIGINT)
     return out
 
-register_model(ModelCard("_test_nan_at_7", "test", partial(Wrapped, 7, _nan)),
+TEST_MODELS = (ModelCard("_test_nan_at_7", "test", partial(Wrapped, 7, _nan)),
                ModelCard("_test_oom", "test", partial(Wrapped, 2, _oom)),
                ModelCard("_test_sigint_at_6", "test", partial(Wrapped, 6, _sigint_once)),
                ModelCard("_test_linear", "test", lambda num_classes, drop_rate: nn.Sequential(nn.Flatten(), nn.Linear(3*32*32, num_classes))))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def own_models():
+    "This file's own models, registered only while its tests run (`list_models` elsewhere never sees them)."
+    with register_model(*TEST_MODELS): yield
 
 
 class Recorder:

@@ -3,7 +3,7 @@
 #  1. nbdev-clean and nbdev-export must leave nbs/ and expert_lab/ unchanged: notebooks are the source.
 #  2. nbdev-test executes every notebook in nbs/ (their own quick tests; --flags slow is left to pytest's slow tests).
 #  3. pytest runs tests/ (Slurm tests against a real single-node Slurm that tools/slurm.sh starts, when we are root).
-# EXPERT_LAB_FAST=1 skips the slow pytest tests and the Slurm/browser set-up, for quick local iterations.
+# TEST_FAST=1 skips the slow pytest tests and the Slurm/browser set-up, for quick local iterations.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -29,15 +29,15 @@ nbdev-test --n-workers 1 --timing
 
 echo "== pytest"
 markers=()
-if [[ "${EXPERT_LAB_FAST:-}" == "1" ]]; then
+if [[ "${TEST_FAST:-}" == "1" ]]; then
     markers=(-m "not slow and not slurm and not browser")
 else
     if [[ $(id -u) == 0 ]] && [[ -x tools/slurm.sh ]]; then
         bash tools/slurm.sh start
         trap 'bash tools/slurm.sh stop' EXIT
-        export EXPERT_LAB_REQUIRE_SLURM=1
+        export TEST_REQUIRE_SLURM=1
     fi
-    if [[ -x tools/browser-setup.sh ]]; then bash tools/browser-setup.sh && export EXPERT_LAB_REQUIRE_BROWSER=1; fi
+    if [[ -x tools/browser-setup.sh ]]; then bash tools/browser-setup.sh && export TEST_REQUIRE_BROWSER=1; fi
 fi
 set +e
 python -m pytest -ra --durations=15 "${markers[@]}" tests

@@ -4,30 +4,36 @@
 
 # %% auto #0
 __all__ = ['count_params', 'count_macs', 'model_table', 'format_model_table', 'ModelCard', 'UnknownModelError', 'create_model',
-           'list_models', 'model_card', 'model_exists']
+           'list_models', 'model_card', 'model_exists', 'recipe_defaults', 'register_model']
 
 # %% ../../nbs/04e_zoo.ipynb #5a1d7220
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .registry import ModelCard, UnknownModelError, create_model, list_models, model_card, model_exists
+from ..files import format_table
+from .registry import (ModelCard, UnknownModelError, create_model, list_models, model_card, model_exists,
+                                        recipe_defaults, register_model)
 from . import resnet, wide_resnet, resnext, densenet  # importing a family registers its models
 
-_all_ = ['ModelCard', 'UnknownModelError', 'create_model', 'list_models', 'model_card', 'model_exists']
+_all_ = ['ModelCard', 'UnknownModelError', 'create_model', 'list_models', 'model_card', 'model_exists', 'recipe_defaults',
+         'register_model']
 _families = ['resnet', 'wide_resnet', 'resnext', 'densenet']  # table order: the notebooks' order
 
-# %% ../../nbs/04e_zoo.ipynb #e0732908
-def count_params(model:torch.nn.Module) -> int:
+# %% ../../nbs/04e_zoo.ipynb #04e09ea8
+def count_params(model:torch.nn.Module, # any model, also one on the `meta` device
+                ) -> int:
     "Number of parameters."
     return sum(p.numel() for p in model.parameters())
 
-def count_macs(model:torch.nn.Module, size:int=32) -> int:
+def count_macs(model:torch.nn.Module, # the model, in eval mode
+               size:int=32, # height and width of the one input image
+              ) -> int:
     "Multiply-accumulates of one forward pass on one 3x`size`x`size` image, by torch's `FlopCounterMode`."
     x = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
     with FlopCounterMode(display=False) as counter, torch.no_grad(): model(x)
     return counter.get_total_flops() // 2
 
-# %% ../../nbs/04e_zoo.ipynb #04e09ea8
+# %% ../../nbs/04e_zoo.ipynb #67c647e1
 def model_table(published:bool=True, # add the published top-1, its source and the expected range
                ) -> list[dict]:
     "One row per registered model: name, family, params, MACs per 32x32 image, and (if `published`) the literature."
@@ -38,10 +44,11 @@ def model_table(published:bool=True, # add the published top-1, its source and t
         row = dict(name=name, family=card.family, params=count_params(model), macs=count_macs(model))
         if published: row |= dict(top1=card.top1, source=card.source, expected=card.expected)
         rows.append(row)
-    return sorted(rows, key=lambda r: (_families.index(r['family']), r['params']))
+    order = lambda f: _families.index(f) if f in _families else len(_families)  # a test's own family goes last
+    return sorted(rows, key=lambda r: (order(r['family']), r['params']))
 
-# %% ../../nbs/04e_zoo.ipynb #3ae83514
-_columns = {  # row key: header, format, right-aligned
+# %% ../../nbs/04e_zoo.ipynb #6ff4d2de
+_columns = {  # row key: header, format, right-aligned (in Markdown)
     'name': ('model', str, False),
     'family': ('family', str, False),
     'params': ('params', lambda v: f'{v / 1e6:.2f}M', True),
@@ -54,14 +61,10 @@ _columns = {  # row key: header, format, right-aligned
 def format_model_table(rows:list[dict],     # from `model_table`
                        markdown:bool=False, # a Markdown table (for the README) instead of aligned plain text
                       ) -> str:
-    "`rows` as an aligned plain-text table, or a Markdown one."
+    "`rows` as the project's plain-text table (`files.format_table`), or a Markdown one."
     keys = [k for k in _columns if rows and k in rows[0]]
-    right = [_columns[k][2] for k in keys]
     head = [_columns[k][0] for k in keys]
     body = [[_columns[k][1](r[k]) for k in keys] for r in rows]
-    if markdown:
-        rule = ['---:' if r else '---' for r in right]
-        return '\n'.join('| ' + ' | '.join(cells) + ' |' for cells in [head, rule, *body])
-    widths = [max(map(len, col)) for col in zip(head, *body)]
-    def line(cells): return '  '.join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
-    return '\n'.join([line(head), line(['-' * w for w in widths]), *map(line, body)])
+    if not markdown: return format_table([dict(zip(head, cells)) for cells in body], head)
+    rule = ['---:' if _columns[k][2] else '---' for k in keys]
+    return '\n'.join('| ' + ' | '.join(cells) + ' |' for cells in [head, rule, *body])

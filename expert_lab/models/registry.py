@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['ClassifierHead', 'init_weights', 'ModelCard', 'UnknownModelError', 'register_model', 'register_resolver',
-           'list_models', 'model_card', 'model_exists', 'create_model']
+           'list_models', 'model_card', 'model_exists', 'recipe_defaults', 'create_model']
 
 # %% ../../nbs/04_models.ipynb #c5a84aac
 import difflib, fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
@@ -53,6 +53,7 @@ class ModelCard:
     top1: float|None = None   # published CIFAR-100 top-1 (%), crop+flip unless the source says otherwise
     source: str = 'not published' # where `top1` comes from
     expected: tuple[float,float]|None = None # realistic top-1 range (%) for this project's recipe
+    recipe: dict = field(default_factory=dict) # config keys this model trains with instead of the built-in defaults
 
 class UnknownModelError(ValueError):
     "A model name the registry does not know."
@@ -61,9 +62,24 @@ _models: dict[str, ModelCard] = {}     # registered names
 _resolvers: dict[str, Callable] = {}   # parametric families: how their names look -> f(name) -> ModelCard|None
 
 # %% ../../nbs/04_models.ipynb #62bc11b6
-def register_model(*cards:ModelCard):
-    "Add `cards` to the registry under their names (registering a name again replaces it)."
+class _Registration:
+    "What `register_model` returns; as a context manager it takes its cards out again on exit."
+    def __init__(self, cards, replaced): self.cards, self.replaced = cards, replaced
+    def __repr__(self): return f"registered {', '.join(c.name for c in self.cards)}"
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.undo()
+    def undo(self):
+        "Remove these cards and put back any they replaced."
+        for c in self.cards:
+            if _models.get(c.name) is c: del _models[c.name]
+        _models.update(self.replaced)
+
+def register_model(*cards:ModelCard, # the models to add; a name registered again replaces the old card
+                  )->_Registration:
+    "Add `cards` to the registry; `with register_model(...):` keeps them only for the block (what tests do)."
+    replaced = {c.name: _models[c.name] for c in cards if c.name in _models}
     for card in cards: _models[card.name] = card
+    return _Registration(cards, replaced)
 
 def register_resolver(pattern:str, # how the names look, e.g. 'wideresnet<depth>_<width>'
                      ):
@@ -76,7 +92,7 @@ def register_resolver(pattern:str, # how the names look, e.g. 'wideresnet<depth>
 # %% ../../nbs/04_models.ipynb #d0c8bc87
 def list_models(filter:str='*') -> list[str]:
     "Registered model names, sorted, optionally narrowed by a shell-style pattern such as 'resnet*'."
-    return sorted(n for n in fnmatch.filter(_models, filter) if not n.startswith('_'))  # `_name`s are tests' own models
+    return sorted(fnmatch.filter(_models, filter))
 
 def model_card(name:str) -> ModelCard:
     "The card for `name`: a registered name, or one a parametric family recognises."
@@ -93,6 +109,11 @@ def model_exists(name:str) -> bool:
     try: model_card(name)
     except ValueError: return False
     return True
+
+def recipe_defaults(name:str # a registered or parametric model name
+                   ) -> dict:
+    "The config defaults `name` trains with (its card's `recipe`, a copy); raises `UnknownModelError` for unknown names."
+    return dict(model_card(name).recipe)
 
 # %% ../../nbs/04_models.ipynb #0c7be509
 def create_model(name:str,          # a registered name (see `list_models`) or a parametric one like 'wideresnet22_8'
