@@ -192,7 +192,7 @@ def cmd_compare(ns):
     from expert_lab.catalog import list_runs
     from expert_lab.execute import report_notebook
     if ns.sweep:
-        from expert_lab.sweeps import sweep_report
+        from expert_lab.sweep_stats import sweep_report
         print(sweep_report(ns.sweep)); return 0
     _warn_damaged(list_runs(model=ns.model, partition=ns.partition))
     print(report_notebook("compare_runs", dict(model=ns.model or "", partition=ns.partition or "", status=ns.status or "")))

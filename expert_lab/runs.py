@@ -13,8 +13,7 @@ from .files import read_json, write_json
 
 # %% auto #0
 __all__ = ['HISTORY_COLUMNS', 'runs_root', 'expert_dir', 'new_run_dir', 'provenance', 'start_record', 'finish_record',
-           'load_run_config', 'run_summary', 'RunFailed', 'write_group_summary', 'write_history_csv', 'run_expert',
-           'execute_notebook', 'report_notebook']
+           'load_run_config', 'run_summary', 'RunFailed', 'write_group_summary']
 
 # %% ../nbs/06_runs.ipynb #ec1f5b10
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec")
@@ -124,12 +123,3 @@ def write_group_summary(cfg:TrainConfig, # config of any expert of the group
     dest = expert_dir(cfg).parent/f"summary-{dt.datetime.now():%Y%m%d-%H%M%S}.csv"
     write_csv(dest, rows)
     return format_runs(rows) + f"\nsummary: {dest}"
-
-# %% ../nbs/06_runs.ipynb #86a45cec
-# TRANSITIONAL (removed once every caller imports from its new home)
-from .files import read_json, write_json
-from .catalog import list_runs, format_runs
-def write_history_csv(path, history): from expert_lab.files import write_csv; return write_csv(path, history, HISTORY_COLUMNS)
-def run_expert(*a, log_output=None, **k): from expert_lab.execute import run_expert; return run_expert(*a, **k)
-def execute_notebook(*a, log_output=None, **k): from expert_lab.execute import execute_notebook; return execute_notebook(*a, **k)
-def report_notebook(*a, **k): from expert_lab.execute import report_notebook; return report_notebook(*a, **k)

@@ -14,7 +14,8 @@ from submitit.core.utils import FailedJobError
 import expert_lab
 from .config import ConfigError, TrainConfig, project_root, read_settings
 from .files import read_json, write_json
-from .runs import expert_dir, new_run_dir, run_expert, runs_root
+from .execute import run_expert
+from .runs import expert_dir, new_run_dir, runs_root
 
 # %% auto #0
 __all__ = ['SlurmError', 'SlurmUnavailable', 'SlurmResources', 'slurm_resources', 'cluster_partitions', 'check_slurm_resources',
@@ -208,13 +209,14 @@ class ExpertTask(submitit.helpers.Checkpointable):
     def __call__(self, cfg:dict, # `asdict(TrainConfig)` of the expert
                  sources:dict, # where each config value came from
                  run_dir:str, # the run folder made at submission
+                 extra:dict|None=None, # more for config.json (a sweep's id and point)
                 )->dict:
         "Record this start in slurm.json, then train (or resume) the expert in `run_dir`; return its metrics."
         run_dir = Path(run_dir)
         record_start(run_dir)
         done = read_json(run_dir/"metrics.json", {})
         if done.get("status") == "completed": return done
-        return self.train(TrainConfig(**cfg), sources, run_dir, resume=True)
+        return self.train(TrainConfig(**cfg), sources, run_dir, resume=True, **({"extra": extra} if extra else {}))
 
 # %% ../nbs/07_slurm.ipynb #b452672b
 def _job_setup()->list[str]:
@@ -239,6 +241,8 @@ def _release(jobs:list):
 def submit_experts(cfgs_and_sources:list, # [(TrainConfig, sources), ...], one per expert
                    settings:configparser.ConfigParser|None=None, # site settings; default `read_settings()`
                    dry_run:bool=False, # print what would be submitted; create and submit nothing
+                   run_dirs:list|None=None, # a folder per expert to train (or resume) in; None or a None entry makes a new one
+                   extras:list|None=None, # per expert, more for its config.json (a sweep's id and point)
                    **overrides, # any `SlurmResources` field, e.g. partition="gpu", time_min=60
                   )->list[tuple]:
     "Submit the experts as one Slurm job array; return [(job_id, run_dir)] (dry run: [(None, expert folder)])."
@@ -258,11 +262,13 @@ def submit_experts(cfgs_and_sources:list, # [(TrainConfig, sources), ...], one p
     ex = submitit.SlurmExecutor(folder=log_dir/"%j")
     ex.update_parameters(**{k.replace("-", "_"): v for k, v in opts.items()}, job_name="expert-lab", setup=_job_setup(),
                          array_parallelism=res.array_parallelism or len(cfgs), additional_parameters={"hold": True})
-    run_dirs = [new_run_dir(c) for c in cfgs]
+    given = run_dirs or [None]*len(cfgs)
+    run_dirs = [Path(d) if d else new_run_dir(c) for d, c in zip(given, cfgs)]
     try: jobs = ex.map_array(ExpertTask(), [asdict(c) for c in cfgs], [s for _, s in cfgs_and_sources],
-                             [str(d) for d in run_dirs])
-    except Exception as e:  # nothing was submitted: leave no empty run folders behind
-        for d in run_dirs: d.rmdir()
+                             [str(d) for d in run_dirs], extras or [None]*len(cfgs))
+    except Exception as e:  # nothing was submitted: leave no empty run folders behind (and reused ones as they were)
+        for d, g in zip(run_dirs, given):
+            if g is None: d.rmdir()
         shutil.rmtree(log_dir, ignore_errors=True)
         if isinstance(e, FailedJobError): raise SlurmError(f"sbatch refused the array: {str(e).strip()}") from None
         raise

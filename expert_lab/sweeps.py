@@ -4,7 +4,7 @@
 
 # %% ../nbs/07a_sweeps.ipynb #51f10b10
 from __future__ import annotations
-import datetime as dt, hashlib, inspect, itertools, json, re, shlex, sys, threading
+import datetime as dt, hashlib, itertools, json, re, shlex, sys, threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from .runs import RunFailed, new_run_dir, runs_root
 __all__ = ['NO_SWEEP', 'MAX_RUNS', 'sweep_values', 'grid_points', 'point_label', 'resolve_grid', 'sweep_id', 'check_sweep_id',
            'sweep_path', 'new_record', 'grid_difference', 'run_state', 'sweep_states', 'runs_to_do', 'sweep_rows',
            'write_summary', 'train_run', 'submit_runs', 'list_sweeps', 'load_sweep', 'open_sweep', 'describe_sweep',
-           'run_sweep', 'sweep_frame', 'report_keys', 'point_summary', 'plot_key', 'ensemble_summary', 'sweep_report']
+           'run_sweep']
 
 # %% ../nbs/07a_sweeps.ipynb #489e1166
 NO_SWEEP = ("data_root", "runs_dir", "device", "wandb_project", "wandb_mode")
@@ -206,10 +206,9 @@ def submit_runs(rec:dict, # the sweep record (updated in place)
     "Submit the runs `todo` as one Slurm array; return [(job_id, run_dir)]."
     from expert_lab.slurm import submit_experts
     runs = [rec["runs"][i] for i in todo]
-    kw = {}
-    if "run_dirs" in inspect.signature(submit_experts).parameters:  # resume interrupted runs in their own folders
-        kw["run_dirs"] = [Path(r["run_dir"]) if r["run_dir"] else None for r in runs]
-    res = submit_experts([(TrainConfig(**r["config"]), r["sources"]) for r in runs], **kw, **(slurm_opts or {}))
+    res = submit_experts([(TrainConfig(**r["config"]), r["sources"]) for r in runs],
+                         run_dirs=[Path(r["run_dir"]) if r["run_dir"] else None for r in runs],  # interrupted ones resume there
+                         extras=[{"sweep": rec["id"], "point": r["point"]} for r in runs], **(slurm_opts or {}))
     for r, (job, d) in zip(runs, res): r["run_dir"], r["slurm_job"] = str(d), job
     write_json(path, rec)
     return res
@@ -329,90 +328,3 @@ def run_sweep(args:dict, # config values from the command line; comma-separated 
     errors = _run_local(rec, todo, path, parallel)
     print(write_summary(rec, path, errors))
     return 0 if not errors and all(s == "completed" for s in sweep_states(rec)) else 1
-
-# %% ../nbs/07a_sweeps.ipynb #cdeb9b78
-def sweep_frame(rec:dict # a sweep record
-               ):
-    "The runs of a sweep as a DataFrame: point values, expert, state, accuracies and run folder."
-    import pandas as pd
-    df = pd.DataFrame(sweep_rows(rec, [run_state(r) for r in rec["runs"]]))
-    return df.astype({"best_val_acc": float, "test_acc": float})
-
-def report_keys(rec:dict # a sweep record
-               )->list[str]:
-    "The columns a report point is made of: the swept keys but the seed, and the expert when there are several."
-    experts = {r["expert_id"] for r in rec["runs"]}
-    return [k for k in rec["grid"] if k != "seed"] + (["expert"] if len(experts) > 1 else [])
-
-# %% ../nbs/07a_sweeps.ipynb #7dba0960
-def _vs_best(row, best):
-    if row.name == best.name: return "best"
-    spread = max(row.val_std, best.val_std)
-    if spread != spread: return "one seed: no spread"  # NaN: a standard deviation needs two seeds
-    return "within spread" if best.val_mean - row.val_mean < spread else "worse beyond spread"
-
-def point_summary(frame, # from `sweep_frame`
-                  keys:list[str], # from `report_keys`
-                 ):
-    "Per point: mean, standard deviation and count over seeds of validation and test accuracy, and how it compares to the best."
-    done = frame[frame.state == "completed"]
-    if not keys: done, keys = done.assign(point="all"), ["point"]
-    out = done.groupby(keys, sort=False).agg(val_mean=("best_val_acc", "mean"), val_std=("best_val_acc", "std"),
-                                             test_mean=("test_acc", "mean"), test_std=("test_acc", "std"),
-                                             n=("best_val_acc", "count")).reset_index()
-    if out.empty: return out.assign(vs_best=[])
-    best = out.loc[out.val_mean.idxmax()]
-    return out.assign(vs_best=out.apply(_vs_best, axis=1, best=best)).sort_values("val_mean", ascending=False, ignore_index=True)
-
-# %% ../nbs/07a_sweeps.ipynb #391ab6a1
-def plot_key(summary, # from `point_summary`
-             key:str, # the swept key on the x axis
-             keys:list[str], # every column of a point (`report_keys`)
-             ax=None, # matplotlib axes; default: a new figure
-            ):
-    "Mean validation (solid) and test (dashed) accuracy against `key`, the spread over seeds as error bars."
-    import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(7, 3.5))
-    xs = list(dict.fromkeys(summary.sort_values(key)[key]))
-    others = [k for k in keys if k != key]
-    groups = summary.groupby(others, sort=False) if others else [((), summary)]
-    for name, g in groups:
-        g = g.set_index(key).reindex(xs)
-        label = point_label(dict(zip(others, name if isinstance(name, tuple) else (name,))))
-        pos = range(len(xs))
-        line = ax.errorbar(pos, g.val_mean, yerr=g.val_std.fillna(0), marker="o", capsize=4, label=f"val {label}".strip())
-        ax.errorbar([p + 0.05 for p in pos], g.test_mean, yerr=g.test_std.fillna(0), marker="s", capsize=4, ls="--",
-                    color=line[0].get_color(), label=f"test {label}".strip())
-    ax.set_xticks(range(len(xs)), [str(x) for x in xs]); ax.set_xlabel(key); ax.set_ylabel("top-1 accuracy")
-    ax.set_title(f"accuracy against {key} (mean and standard deviation over seeds)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize="small")
-    return ax
-
-# %% ../nbs/07a_sweeps.ipynb #8e30eca5
-def ensemble_summary(frame, # from `sweep_frame`
-                     keys:list[str], # from `report_keys` (the expert column is combined away)
-                     device:str="cpu", # where the experts run
-                    ):
-    "Per point: mean, standard deviation and count over seeds of the mean-combined experts' test accuracy."
-    import pandas as pd
-    from expert_lab.ensemble import accuracy, combine_mean, experts_probs
-    pkeys = [k for k in keys if k != "expert"] + (["seed"] if "seed" in frame else [])
-    rows = []
-    for name, g in (frame.groupby(pkeys, sort=False) if pkeys else [((), frame)]):
-        if len(g) < 2 or (g.state != "completed").any(): continue
-        probs, ds = experts_probs(list(g.run_dir), device=device)
-        rows.append({**dict(zip(pkeys, name if isinstance(name, tuple) else (name,))), "ensemble_acc": accuracy(combine_mean(probs), ds.test_y)})
-    df = pd.DataFrame(rows, columns=[*pkeys, "ensemble_acc"]).assign(point="all")
-    by = [k for k in pkeys if k != "seed"] or ["point"]
-    return df.groupby(by, sort=False).agg(ens_mean=("ensemble_acc", "mean"), ens_std=("ensemble_acc", "std"),
-                                         n=("ensemble_acc", "count")).reset_index()
-
-# %% ../nbs/07a_sweeps.ipynb #314868f7
-def sweep_report(sid:str, # sweep id
-                 root:str|Path|None=None, # the runs folder; default from the site settings
-                )->Path:
-    "Execute nbs/sweep_report.ipynb for sweep `sid`; return the HTML report's path."
-    from expert_lab.execute import report_notebook
-    root = Path(root) if root else _root({})
-    load_sweep(sid, root)  # a sweep that does not exist is one line, before a kernel starts
-    return report_notebook("sweep_report", dict(sweep_id=sid), root)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from expert_lab.config import TrainConfig, coerce, project_root, read_settings, resolve_config, settings_values
-from expert_lab.runs import read_json
+from expert_lab.files import read_json
 from expert_lab.slurm import SlurmError, SlurmResources, slurm_resources, slurm_state, slurm_states, submit_experts
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}

@@ -15,7 +15,8 @@ from conftest import CONFIG_ENV as _CONFIG_ENV, isolated_env as clean_env
 
 from expert_lab.config import ConfigError
 from expert_lab.files import read_json, write_json
-from expert_lab.sweeps import open_sweep, point_summary, report_keys, run_sweep, sweep_frame, sweep_report
+from expert_lab.sweeps import open_sweep, run_sweep
+from expert_lab.sweep_stats import point_summary, report_keys, sweep_frame, sweep_report
 
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}

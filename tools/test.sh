@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as `make test` runs it (and CI through .ci/run).
 #  1. nbdev-clean and nbdev-export must leave nbs/ and expert_lab/ unchanged: notebooks are the source.
-#  2. nbdev-test executes every notebook in nbs/ (their own quick tests; --flags slow is left to pytest's slow tests).
+#  2. nbdev-test executes every library notebook in nbs/ (their own quick tests; --flags slow is left to pytest's slow
+#     tests). The training runbook is a real run, not a test: pytest executes it through both doors (tests/test_doors.py).
 #  3. pytest runs tests/ (Slurm tests against a real single-node Slurm that tools/slurm.sh starts, when we are root).
 # TEST_FAST=1 skips the slow pytest tests and the Slurm/browser set-up, for quick local iterations.
 set -euo pipefail
@@ -24,8 +25,8 @@ if [[ -d .git ]] && [[ -n "$(git status --porcelain -uall -- expert_lab nbs)" &&
     echo "FAIL: expert_lab/ or nbs/ differ from the commit:"; git status --porcelain -uall -- expert_lab nbs; exit 1
 fi
 
-echo "== nbdev-test (every notebook in nbs/)"
-nbdev-test --n-workers 1 --timing
+echo "== nbdev-test (every library notebook in nbs/)"
+nbdev-test --n-workers 1 --timing --skip-file-re '^([_.]|train_expert\.ipynb$)'
 
 echo "== pytest"
 markers=()
