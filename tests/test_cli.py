@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import isolated_env as clean_env, run_cli as cli
+from conftest import CONFIG_ENV as _CONFIG_ENV, isolated_env as clean_env, run_cli as cli
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
