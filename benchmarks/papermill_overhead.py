@@ -3,7 +3,7 @@
 The same configuration (the offline `digits` images, a small wide ResNet, on the CPU) is trained twice in one run:
 
 * in-process: `expert_lab.train.train(cfg, run_dir)`, the engine alone (data, model, epochs, checkpoints, test set);
-* papermill: `expert_lab.runs.run_expert(cfg, ...)`, which is what `expert-lab train` does: a fresh `expert-lab` kernel
+* papermill: `expert_lab.execute.run_expert(cfg, ...)`, which is what `expert-lab train` does: a fresh `expert-lab` kernel
   executes nbs/train_expert.ipynb (imports, provenance, partition heatmap, augmented batch, the same `train` call, the
   report's plots) and the executed notebook is converted to offline HTML.
 
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from expert_lab.config import resolve_config
-from expert_lab.runs import new_run_dir, run_expert
+from expert_lab.execute import run_expert
+from expert_lab.runs import new_run_dir
 from expert_lab.train import train
 
 GOAL = 0.10
@@ -51,11 +52,25 @@ def in_process(cfg, runs_dir:Path)->dict:
 def through_papermill(cfg, sources:dict, runs_dir:Path)->dict:
     d = new_run_dir(cfg)
     t0 = time.perf_counter()
-    rec = run_expert(cfg, sources, d, resume=False, log_output=False)
+    rec = run_expert(cfg, sources, d, resume=False)
     wall = time.perf_counter() - t0
     with open(d/"history.csv") as f: hist = list(csv.DictReader(f))
     return dict(mode="papermill", wall_s=wall, epochs_s=sum(float(h["seconds"]) for h in hist), epochs=len(hist),
-                test_acc=rec["test_acc"], status=rec["status"], html_kb=(d/"report.html").stat().st_size/1024)
+                test_acc=rec["test_acc"], status=rec["status"], html_kb=(d/"report.html").stat().st_size/1024,
+                cells=_cell_times(d/"report.ipynb", wall))
+
+
+def _cell_times(nb_path:Path, wall:float)->dict:
+    "Where a papermill run's time went: each cell's duration (from papermill's own record), and the rest."
+    import nbformat
+    nb = nbformat.read(nb_path, as_version=4)
+    out = {}
+    for c in nb.cells:
+        if c.cell_type != "code": continue
+        name = next((l for l in c.source.splitlines() if l.strip() and not l.startswith("#")), "")[:48]
+        out[name] = c.metadata.get("papermill", {}).get("duration") or 0.0
+    out["(kernel start, parent, HTML)"] = wall - sum(out.values())
+    return out
 
 
 def main():
@@ -99,7 +114,12 @@ def main():
     print(f"papermill, fixed cost: {fixed:+.1f} s on {ip:.1f} s = {fixed/ip:+.1%} (goal: at most {GOAL:.0%}: "
           f"{'met' if fixed/ip <= GOAL else 'NOT met'}); on a 60 s run it would be {fixed/60:+.1%}, "
           f"within the goal from {fixed/GOAL:.0f} s of training")
+    ep_ip, ep_pm = mean("in-process", "epochs_s"), mean("papermill", "epochs_s")
+    print(f"epochs inside the kernel: {ep_pm:.1f} s against {ep_ip:.1f} s in-process = {ep_pm/ep_ip - 1:+.1%}")
     if len({round(r['test_acc'], 6) for r in rows}) > 1: print("note: the test accuracies differ between runs")
+    print("\nwhere a papermill run's time goes (seconds, last papermill run):")
+    last = [r for r in rows if r["mode"] == "papermill"][-1]["cells"]
+    for name, t in sorted(last.items(), key=lambda kv: -kv[1])[:8]: print(f"  {t:>6.2f}  {name}")
 
 
 if __name__ == "__main__":

@@ -141,3 +141,13 @@ def test_report_runbooks_have_typed_parameters(name):
     params = {p.name: p.inferred_type_name for p in PythonTranslator.inspect(cells[0])}
     want = dict(model="str", partition="str", runs_dir="str") | (dict(status="str") if name == "compare_runs" else dict(n_experts="int"))
     assert params == want
+
+
+def test_train_help_explains_every_config_flag():
+    from expert_lab.config import FIELD_TYPES, field_docs
+    r = subprocess.run([str(BIN/"expert-lab"), "train", "--help"], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    text = " ".join(r.stdout.split())
+    docs = field_docs()
+    # --expert-id has its own help (one id, a list or all); every other key shows its docment
+    missing = [k for k in FIELD_TYPES if k != "expert_id" and (f"--{k.replace('_', '-')}" not in text or " ".join(docs[k].split()) not in text)]
+    assert r.returncode == 0 and missing == [], missing
