@@ -98,7 +98,8 @@ def read_run(run_dir:str|Path # a run folder
     epochs = m.get("epochs_done") if m.get("epochs_done") is not None else (None if reason else history_epoch(run_dir)[0])
     n = m.get("n_experts")
     return dict(model=m.get("model") or place["model"],
-                partition=f"{m['partition']}-{n}" if m.get("partition") and n is not None else place["partition"],
+                partition=(place["partition"] if str(place["partition"]).startswith("distill-")  # a student beside its teachers
+                           else f"{m['partition']}-{n}" if m.get("partition") and n is not None else place["partition"]),
                 expert=m.get("expert_id") if m.get("expert_id") is not None else place["expert"],
                 status=status, best_val_acc=m.get("best_val_acc"), test_acc=m.get("test_acc"), epochs=epochs,
                 duration_s=m.get("duration_s"), slurm_job=slurm.get("job_id") or m.get("slurm_job_id"),

@@ -13,7 +13,8 @@ from .config import FIELD_TYPES, ConfigError, TrainConfig, check_key, config_tab
 
 # %% auto #0
 __all__ = ['UsageError', 'add_config_flags', 'config_args', 'cmd_config', 'cmd_models', 'check_train', 'train_one', 'train_local',
-           'cmd_train', 'cmd_runs', 'cmd_resume', 'cmd_compare', 'cmd_ensemble', 'cmd_lab', 'build_parser', 'main']
+           'cmd_train', 'cmd_runs', 'cmd_resume', 'cmd_compare', 'cmd_ensemble', 'cmd_distill', 'cmd_lab',
+           'build_parser', 'main']
 
 # %% ../nbs/08_cli.ipynb #6dace284
 class UsageError(Exception):
@@ -61,9 +62,11 @@ def check_train(jobs:list, # (config, sources) per expert
     "Everything `train` checks before it creates anything; raises `ConfigError` (or `RunBusy`)."
     from expert_lab.config import schedule_warning
     from expert_lab.preflight import ensure_data, preflight
+    from expert_lab.distill import check_distill
     if warning := schedule_warning(jobs[0][0]): print(f"expert-lab: {warning}", file=sys.stderr)
     ensure_data(jobs[0][0])
     preflight([c for c, _ in jobs], run_dir=run_dir)
+    if jobs[0][0].distill_from: check_distill(jobs[0][0])  # its teachers exist, completed, of its dataset
 
 # %% ../nbs/08_cli.ipynb #4c468285
 def _say(line): print(line, flush=True)
@@ -214,6 +217,18 @@ def cmd_ensemble(ns):
     except ValueError as e: raise ConfigError(f"ensemble: {e}") from None
     print(report_notebook("ensemble", dict(model=ns.model, partition=ns.partition, n_experts=ns.n_experts or 0)))
 
+_NOT_FLAGS = ("model", "partition", "expert_id", "n_experts", "distill_from")  # `distill` spells these its own way
+
+def cmd_distill(ns):
+    "Train one student network on the newest completed experts of one model and partition."
+    from expert_lab.distill import distill_jobs
+    jobs = distill_jobs(ns.model, ns.partition, ns.student, config_args(ns, skip=_NOT_FLAGS))
+    if ns.run_dir: ns.run_dir = str(Path(ns.run_dir).resolve())
+    check_train(jobs, ns.run_dir)
+    if ns.dry_run:
+        c = jobs[0][0]; print(f"would distil {c.distill_from} into {c.model} on {c.dataset}"); return 0
+    return train_local(jobs, 1, ns.run_dir)
+
 def cmd_lab(ns):
     "Start JupyterLab with the project's kernel, opening at nbs/."
     from expert_lab.lab import start_lab
@@ -262,6 +277,13 @@ def build_parser()->argparse.ArgumentParser:
     s = sub.add_parser("ensemble", help="combine the experts of one model and partition")
     s.add_argument("--model", required=True); s.add_argument("--partition", required=True, help="e.g. iid or iid-4")
     s.add_argument("--n-experts", type=int, help="which group, when several sizes of the partition exist"); s.set_defaults(fn=cmd_ensemble)
+    s = sub.add_parser("distill", help="train one student network on the experts' ensemble")
+    s.add_argument("--model", required=True, help="the experts' model")
+    s.add_argument("--partition", required=True, help="the experts' partition: a kind (iid) or a group (iid-4)")
+    s.add_argument("--student", help="the student's model (default: the experts')")
+    s.add_argument("--run-dir", "--run_dir", dest="run_dir", metavar="DIR", help="train in this folder, resuming its checkpoints/last.pt")
+    s.add_argument("--dry-run", "--dry_run", action="store_true", help="print what would run; start nothing")
+    add_config_flags(s, skip=_NOT_FLAGS); s.set_defaults(fn=cmd_distill)
     s = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     s.add_argument("run_dir", help="the run folder"); s.set_defaults(fn=cmd_resume)
     s = sub.add_parser("lab", help="start JupyterLab with the project's kernel")

@@ -12,8 +12,8 @@ from .config import TrainConfig, project_root, project_path
 from .files import read_json, write_json
 
 # %% auto #0
-__all__ = ['HISTORY_COLUMNS', 'runs_root', 'expert_dir', 'new_run_dir', 'provenance', 'start_record', 'finish_record',
-           'load_run_config', 'run_summary', 'RunFailed', 'write_group_summary']
+__all__ = ['HISTORY_COLUMNS', 'runs_root', 'run_group', 'expert_dir', 'new_run_dir', 'provenance', 'start_record',
+           'finish_record', 'load_run_config', 'run_summary', 'RunFailed', 'write_group_summary']
 
 # %% ../nbs/06_runs.ipynb #ec1f5b10
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec")
@@ -23,10 +23,17 @@ def runs_root(cfg:TrainConfig # resolved config; a relative `runs_dir` resolves 
     "The folder that holds all run folders."
     return project_path(cfg.runs_dir)
 
+def run_group(cfg:TrainConfig # resolved config
+             )->str:
+    "The group folder: `<partition>-<n>`, or a distilled student's `distill-<partition>-<n>` beside its teachers."
+    if not cfg.distill_from: return f"{cfg.partition}-{cfg.n_experts}"
+    teacher, group = cfg.distill_from.split("/", 1)
+    return f"distill-{group}" if teacher == cfg.model else f"distill-{teacher}-{group}"
+
 def expert_dir(cfg:TrainConfig # resolved config
               )->Path:
-    "The folder holding every run of this model, partition and expert."
-    return runs_root(cfg)/cfg.model/f"{cfg.partition}-{cfg.n_experts}"/f"expert-{cfg.expert_id}"
+    "The folder holding every run of this model, partition (or distillation) and expert."
+    return runs_root(cfg)/cfg.model/run_group(cfg)/f"expert-{cfg.expert_id}"
 
 def new_run_dir(cfg:TrainConfig, # resolved config
                 stamp:str|None=None, # folder name; default: the current time plus a random suffix

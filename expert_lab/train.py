@@ -23,6 +23,7 @@ from .checkpoint import CheckpointError, load_resume, save_epoch, strip_compile_
 from .recipe import EMA, amp_dtype, autocast_for, determinism, lr_factor, make_optimizer, make_scheduler, soft_cross_entropy
 from .progress import Progress, progress_mode
 from .evaluation import evaluate, eval_loader
+from .distill import build_teacher, distill_loss
 
 # %% auto #0
 __all__ = ['TrainState', 'setup_training', 'train_epoch', 'Outcome', 'TrainResult', 'train']
@@ -63,6 +64,7 @@ class TrainState:
     stop_reason: str|None = None  # set when the run has finished: epochs_done or early_stop (kept in checkpoints)
     restarts: int = 0  # how many times this run was resumed
     best_state: dict|None = None  # the best weights so far, in memory (not part of `state_dict`: best.pt holds them)
+    teacher: nn.Module|None = None  # the experts' ensemble a student learns from (`cfg.distill_from`); None: the labels only
 
     def state_dict(self)->dict:
         "Tensors and plain values that let this run continue exactly where it is."
@@ -73,7 +75,8 @@ class TrainState:
                     rng=dict(torch=torch.get_rng_state(), cuda=cuda, augment=self.gen.get_state(),
                              augment_device=self.device.type, data_seed=self.cfg.seed),
                     history=self.history, best=dict(epoch=self.best_epoch, val_acc=self.best_val_acc, weights=self.best_weights),
-                    stop_reason=self.stop_reason, restarts=self.restarts, config=asdict(self.cfg))
+                    stop_reason=self.stop_reason, restarts=self.restarts, config=asdict(self.cfg),
+                    **({} if self.teacher is None else dict(teachers=self.teacher.run_dirs)))  # a resumed student's teachers
 
     def weights_view(self)->dict:
         "The entries of `state_dict()` that `tested_weights` reads (model, ema, best), without copying anything."
@@ -83,6 +86,9 @@ class TrainState:
     def load_state_dict(self, sd:dict # as returned by `load_checkpoint`
                        ):
         "Continue from checkpoint `sd` (as returned by `load_checkpoint`)."
+        if sd.get("teachers") != (now := None if self.teacher is None else self.teacher.run_dirs):
+            raise CheckpointError(f"the checkpoint learned from {sd.get('teachers') or 'the labels only'}, this run from {now or 'the labels only'}: "
+                                  f"a run resumes with the teachers it started with (use a new run folder to change them)")
         self.model.load_state_dict(strip_compile_prefix(sd["model"]))
         flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.opt.param_groups]
         self.opt.load_state_dict(sd["optimizer"])
@@ -105,8 +111,9 @@ class TrainState:
 def setup_training(cfg:TrainConfig, # the run's config
                    data:ExpertData, # from `prepare_expert_data`
                    device:torch.device, # from `pick_device(cfg.device)`
+                   teachers:list|None=None, # a resumed student's teacher folders (its checkpoint's); None: found from `cfg.distill_from`
                   )->TrainState:
-    "Build the model, optimizer, schedule, scaler, EMA, augmentation and training loader for `cfg`."
+    "Build the model, optimizer, schedule, scaler, EMA, augmentation, training loader (and a student's teacher) for `cfg`."
     ds = data.dataset
     loader = DeviceLoader(ds.train_x[data.train_idx], ds.train_y[data.train_idx], cfg.batch_size, shuffle=True,
                           drop_last=True, seed=cfg.seed, device=device)
@@ -117,11 +124,12 @@ def setup_training(cfg:TrainConfig, # the run's config
     net = torch.compile(model) if cfg.compile else model
     opt = make_optimizer(model, cfg, device)
     dtype = amp_dtype(cfg.precision, device)
+    teacher = build_teacher(cfg, data.num_classes, device, autocast_for(dtype, device), teachers)
     return TrainState(cfg, device, model, net, opt, make_scheduler(opt, cfg, steps),
                       torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                       EMA(model, cfg.ema_decay) if cfg.ema else None, torch.Generator(device), loader,
                       TrainAugment(ds.mean, ds.std, cfg.crop_padding, cfg.hflip, cfg.random_erasing, compile=cfg.compile),
-                      autocast_for(dtype, device), data.num_classes, steps)
+                      autocast_for(dtype, device), data.num_classes, steps, teacher=teacher)
 
 # %% ../nbs/05_train.ipynb #10108998
 def _epoch_seed(seed, epoch): return (seed*1_000_003 + epoch + 1) % 2**63  # = data's loader seed of epoch + 1
@@ -148,7 +156,8 @@ def train_epoch(st:TrainState, # the run's state, updated in place
                          rng=np.random.default_rng((cfg.seed, st.epoch, i)))
         if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
         with st.autocast(): logits = st.net(x)
-        loss = soft_cross_entropy(logits, t)
+        loss = (soft_cross_entropy(logits, t) if st.teacher is None  # a student: the teacher sees the very batch it saw
+                else distill_loss(logits, st.teacher(x), t, cfg.distill_temperature, cfg.distill_alpha))
         st.opt.zero_grad(set_to_none=True)
         st.scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
@@ -292,7 +301,7 @@ def _metrics(st, outcome, saved, test):
                 best_val_acc=st.best_val_acc, best_weights=st.best_weights if st.best_val_acc is not None else None,
                 test_loss=t.get("loss"), test_acc=t.get("acc"), test_top5=t.get("top5"), per_class_acc=t.get("per_class_acc"),
                 confusion=t.get("confusion"), resumed_from_epoch=None if saved is None else saved["epoch"],
-                restarts=st.restarts, error=outcome.error)
+                restarts=st.restarts, error=outcome.error, **({} if st.teacher is None else dict(teachers=st.teacher.run_dirs)))
 
 def _test_set(st, data, outcome, out):
     "Evaluate the tested weights on the test set, once, if the run ended with weights worth testing; else None."
@@ -315,6 +324,8 @@ def _start_lines(st, data, val):
     yield (f"training {cfg.model} on {cfg.dataset}, expert {cfg.expert_id} of {cfg.n_experts} ({cfg.partition}): "
            f"{len(data.train_idx)} training images, {len(data.val_idx)} validation, {st.steps} steps of "
            f"{cfg.batch_size} per epoch, {st.device}, {amp_dtype(cfg.precision, st.device) or torch.float32}")
+    if st.teacher is not None: yield (f"distilling from {len(st.teacher.experts)} experts of {cfg.distill_from} (temperature "
+                                      f"{cfg.distill_temperature}, soft-target weight {cfg.distill_alpha})")
     if val is None: yield "no validation set (val_size=0): early stopping is off; the final weights are evaluated"
 
 def _restore(st, saved, best, ckpt_dir, out):
@@ -346,7 +357,7 @@ def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
         check_batch_fits(cfg, len(data.train_idx))
         val = eval_loader(data, "val", 2*cfg.batch_size, device) if len(data.val_idx) else None
         # model, optimizer, schedule; then the checkpoint's state
-        st = setup_training(cfg, data, device)
+        st = setup_training(cfg, data, device, saved and saved.get("teachers"))
         out = Progress(mode, cfg.epochs, initial=saved["epoch"] if saved else 0)
         for line in _start_lines(st, data, val): out.write(line)
         if saved is not None: _restore(st, saved, best, ckpt_dir, out)

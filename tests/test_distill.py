@@ -161,6 +161,8 @@ def test_alpha_zero_trains_exactly_as_the_labels_do(experts):
     a, b = train(cfg, progress="none"), train(replace(cfg, distill_from=""), progress="none")
     same_run(a, b)
     assert a.metrics["teachers"] and "teachers" not in b.metrics
+    taught = train(replace(cfg, distill_alpha=0.5, epochs=1), progress="none")  # and the soft term does change training
+    assert taught.history[0]["train_loss"] != b.history[0]["train_loss"]
 
 
 def test_a_distillation_epoch_reads_the_device_a_fixed_number_of_times(experts):
@@ -211,3 +213,29 @@ def test_distillation_resumes_after_an_interrupt_with_the_same_teachers(experts,
     assert (done.metrics["status"], done.metrics["resumed_from_epoch"]) == ("completed", 1)
     assert done.metrics["teachers"] == [str(d) for d in dirs]
     same_run(done, train(cfg, progress="none"))  # exactly the uninterrupted student
+
+
+class StopAfter:
+    "The engine's in-process stop, without a signal: asks the loop to stop at its `n`-th look between two steps."
+    def __init__(self, n): self.n, self.looks, self.signame = n, 0, "test stop"
+    def __call__(self): return self  # stands in for the `_StopOnSignal` class: `train` makes one per run
+    def __enter__(self): return self
+    def __exit__(self, *exc): pass
+    @property
+    def requested(self):
+        self.looks += 1
+        return self.looks >= self.n
+
+
+def test_a_student_stopped_mid_epoch_resumes_exactly(experts, tmp_path, monkeypatch):
+    import expert_lab.train as engine
+    root, dirs = experts
+    cfg = student(root, ema=True)
+    monkeypatch.setattr(engine, "_StopOnSignal", StopAfter(7))  # 4 steps per epoch: look 7 is before step 3 of epoch 2
+    r = train(cfg, run_dir=tmp_path, progress="none")
+    monkeypatch.undo()
+    ck = load_checkpoint(tmp_path/"checkpoints"/"last.pt")
+    assert (r.metrics["status"], ck["epoch"], ck["step"], ck["teachers"]) == ("interrupted", 1, 2, [str(d) for d in dirs])
+    done = train(cfg, run_dir=tmp_path, progress="none")
+    assert (done.metrics["status"], done.metrics["resumed_from_epoch"]) == ("completed", 1)
+    same_run(done, train(cfg, progress="none"))
