@@ -78,8 +78,10 @@ def _outcome_line(rec:dict, # a run's final metrics.json record (with run_dir)
     if rec.get("status") == "completed":
         return f"expert {k}: test accuracy {rec.get('test_acc') or float('nan'):.4f} (top-5 {rec.get('test_top5') or float('nan'):.4f})  report {d/'report.html'}"
     if rec.get("status") == "interrupted":
-        return (f"expert {k}: stopped after epoch {rec.get('epochs_done', 0)} (checkpoints/last.pt saved); "
-                f"resume with: expert-lab resume {d}")
+        at = rec.get("stopped_at")
+        where = (f"in epoch {at['epoch']} after step {at['step']}" if at else f"after epoch {rec.get('epochs_done', 0)}")
+        by = f" by {rec['stop_signal']}" if rec.get("stop_signal") else ""
+        return f"expert {k}: stopped{by} {where} (checkpoints/last.pt saved there); resume with: expert-lab resume {d}"
     return f"expert {k}: failed: {rec.get('error') or rec.get('status')}  report {d/'report.html'}"
 
 def train_one(cfg:TrainConfig, # checked config

@@ -256,11 +256,13 @@ class Outcome:
     status: str  # completed, interrupted or failed
     stop_reason: str  # epochs_done, early_stop, interrupt, nan_loss or error
     error: str|None = None  # what went wrong, for a failed run
+    signal: str|None = None  # the signal that stopped an interrupted run (SIGINT, SIGTERM)
+    stopped_at: dict|None = None  # where a stop by signal saved last.pt: {"epoch": e, "step": s} (s steps of epoch e done)
 
-def _ended(out, status, stop_reason, message)->Outcome:
+def _ended(out, status, stop_reason, message, **how)->Outcome:
     "Print `message` and return the outcome it explains (a failed run keeps it as its error)."
     out.write(message)
-    return Outcome(status, stop_reason, message if status == "failed" else None)
+    return Outcome(status, stop_reason, message if status == "failed" else None, **how)
 
 def _out_of_memory(st, out)->Outcome:
     "A failed outcome naming the batch size and a smaller one; the allocator's cache is given back."
@@ -301,7 +303,7 @@ def _metrics(st, outcome, saved, test):
                 best_val_acc=st.best_val_acc, best_weights=st.best_weights if st.best_val_acc is not None else None,
                 test_loss=t.get("loss"), test_acc=t.get("acc"), test_top5=t.get("top5"), per_class_acc=t.get("per_class_acc"),
                 confusion=t.get("confusion"), resumed_from_epoch=None if saved is None else saved["epoch"],
-                restarts=st.restarts, error=outcome.error, **({} if st.teacher is None else dict(teachers=st.teacher.run_dirs)))
+                restarts=st.restarts, error=outcome.error, stop_signal=outcome.signal, stopped_at=outcome.stopped_at, **({} if st.teacher is None else dict(teachers=st.teacher.run_dirs)))
 
 def _test_set(st, data, outcome, out):
     "Evaluate the tested weights on the test set, once, if the run ended with weights worth testing; else None."
@@ -369,7 +371,8 @@ def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
                 s = train_epoch(st, stop, out.steps(st.steps, st.step))
                 if s is None:  # a stop was requested between two steps: save exactly where we are
                     _save(st, ckpt_dir)
-                    outcome = _ended(out, "interrupted", "interrupt", _stopped_message(st, stop, ckpt_dir))
+                    outcome = _ended(out, "interrupted", "interrupt", _stopped_message(st, stop, ckpt_dir), signal=stop.signame,
+                                     stopped_at=dict(epoch=st.epoch + 1, step=st.step))
                 elif s["first_bad_step"] is not None:  # this epoch was not counted and is not saved
                     outcome = _ended(out, "failed", "nan_loss", _nan_message(st, s, ckpt_dir))
                 else:
@@ -378,7 +381,7 @@ def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
                     out.epoch_done(_summary(rec, st))
                     _call(hooks, "on_epoch_end", rec, st)
         except KeyboardInterrupt:  # raised, not signalled (e.g. from a hook): a half-done step is never saved
-            outcome = _ended(out, "interrupted", "interrupt", _interrupted_message(ckpt_dir))
+            outcome = _ended(out, "interrupted", "interrupt", _interrupted_message(ckpt_dir), signal=stop.signame)
         except torch.OutOfMemoryError: outcome = _out_of_memory(st, out)
         except Exception as e: outcome, raised = Outcome("failed", "error", f"{type(e).__name__}: {e}"), e
         finally: out.close()

@@ -130,7 +130,8 @@ def test_ctrl_c_stops_two_parallel_experts_that_stream_their_lines(tmp_path, cle
     assert len(dirs) == 2
     for d in dirs:
         m = metrics(d)
-        assert (m["status"], m["stop_reason"]) == ("interrupted", "interrupt")
+        assert (m["status"], m["stop_reason"], m["stop_signal"]) == ("interrupted", "interrupt", "SIGINT")
+        assert m["stopped_at"]["epoch"] == m["epochs_done"] + 1, "last.pt was saved at the step boundary it names"
         assert 1 <= m["epochs_done"] < 30 and (d/"checkpoints"/"last.pt").is_file() and (d/"report.html").is_file()
         assert any(l.endswith(f"resume with: expert-lab resume {d}") for l in live.lines)
     out = cli(tmp_path, "runs").stdout
@@ -146,7 +147,8 @@ def test_sigterm_saves_and_the_run_resumes_exactly(tmp_path, clean_env, cli):
     assert live.finish() == 143, "\n".join(live.lines)
     [d] = run_dirs(tmp_path/"runs")
     m = metrics(d)
-    assert m["status"] == "interrupted" and any("SIGTERM: stopped in epoch" in l for l in live.lines)
+    assert (m["status"], m["stop_signal"]) == ("interrupted", "SIGTERM") and any("SIGTERM: stopped in epoch" in l for l in live.lines)
+    assert any(l.startswith("expert 0: stopped by SIGTERM in epoch") for l in live.lines)
     assert (d/"report.html").is_file() and "| status | interrupted" in (d/"report.ipynb").read_text()
     r = cli(tmp_path, "resume", d)
     assert r.returncode == 0, r.stdout + r.stderr
