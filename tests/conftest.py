@@ -1,6 +1,6 @@
 """Fixtures shared by the test files: an isolated environment and `expert-lab` runner for command-line tests, one CPU
 thread for tiny models, and the seconds-long training config most engine tests start from."""
-import os, subprocess, sys
+import os, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +59,15 @@ def tiny_config(**kw):
 def tiny():
     "`tiny(**overrides)`: the config of a seconds-long digits run (see `tiny_config`)."
     return tiny_config
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    "A Slurm that answers; skipped only where none is installed and TEST_REQUIRE_SLURM is unset."
+    if not shutil.which("sinfo"):
+        msg = "Slurm is not installed (no sinfo on PATH); start one with: tools/slurm.sh start"
+        if os.environ.get("TEST_REQUIRE_SLURM"): pytest.fail(msg + " (TEST_REQUIRE_SLURM is set)")
+        pytest.skip(msg)
+    r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=60)
+    if r.returncode or not r.stdout.strip():
+        pytest.fail(f"sinfo is installed but Slurm does not answer ({r.stderr.strip()}); run tools/slurm.sh start")

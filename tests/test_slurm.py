@@ -15,18 +15,6 @@ from expert_lab.slurm import SlurmError, SlurmResources, slurm_resources, slurm_
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    "A Slurm that answers; skipped only where none is installed and TEST_REQUIRE_SLURM is unset."
-    if not shutil.which("sinfo"):
-        msg = "Slurm is not installed (no sinfo on PATH); start one with: tools/slurm.sh start"
-        if os.environ.get("TEST_REQUIRE_SLURM"): pytest.fail(msg + " (TEST_REQUIRE_SLURM is set)")
-        pytest.skip(msg)
-    r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=60)
-    if r.returncode or not r.stdout.strip():
-        pytest.fail(f"sinfo is installed but Slurm does not answer ({r.stderr.strip()}); run tools/slurm.sh start")
-
-
 @pytest.fixture
 def settings():
     "Small tasks on the local test cluster's partition."

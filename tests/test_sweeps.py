@@ -225,18 +225,6 @@ def test_dry_run_prints_the_grid_and_creates_nothing(tmp_path, monkeypatch, caps
 
 # Slurm: the whole grid as one array ----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def slurm():
-    "A Slurm that answers; skipped only where none is installed and TEST_REQUIRE_SLURM is unset."
-    if not shutil.which("sinfo"):
-        msg = "Slurm is not installed (no sinfo on PATH); start one with: tools/slurm.sh start"
-        if os.environ.get("TEST_REQUIRE_SLURM"): pytest.fail(msg + " (TEST_REQUIRE_SLURM is set)")
-        pytest.skip(msg)
-    r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=60)
-    if r.returncode or not r.stdout.strip():
-        pytest.fail(f"sinfo is installed but Slurm does not answer ({r.stderr.strip()}); run tools/slurm.sh start")
-
-
 def wait_done(job_ids, timeout=300):
     "Poll sacct until every job is in a final state; return {job_id: state}."
     from expert_lab.slurm import slurm_states
