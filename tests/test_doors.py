@@ -120,6 +120,24 @@ def test_a_few_clear_lines(tmp_path, clean_env, cli):
 
 # stopping from the terminal ----------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    "The 5-epoch run every stopped and resumed run must end identical to."
+    tmp = tmp_path_factory.mktemp("reference")
+    from conftest import run_cli
+    r = run_cli(tmp, *train_args(tmp, epochs=5))
+    assert r.returncode == 0, r.stdout + r.stderr
+    [d] = run_dirs(tmp/"runs")
+    return d
+
+
+def same_result(d, ref):
+    "A resumed run's result is the uninterrupted run's, to the last digit."
+    a, b = metrics(d), metrics(ref)
+    for k in ("epochs_done", "best_epoch", "best_val_acc", "test_acc", "test_loss", "test_top5"):
+        assert a[k] == b[k], (k, a[k], b[k])
+    assert history_epochs(d) == history_epochs(ref)
+
 def test_ctrl_c_stops_two_parallel_experts_that_stream_their_lines(tmp_path, clean_env, cli):
     live = Live([str(BIN/"expert-lab"), *train_args(tmp_path, "--parallel", "2", epochs=30, expert="all")], clean_env(tmp_path))
     # both experts' epoch lines arrive while they train (30 epochs would take minutes)
@@ -138,11 +156,9 @@ def test_ctrl_c_stops_two_parallel_experts_that_stream_their_lines(tmp_path, cle
     assert out.count("interrupted") == 2
 
 
-def test_sigterm_saves_and_the_run_resumes_exactly(tmp_path, clean_env, cli):
-    ref = cli(tmp_path/"ref", *train_args(tmp_path/"ref", epochs=4))
-    assert ref.returncode == 0, ref.stdout + ref.stderr
-    live = Live([str(BIN/"expert-lab"), *train_args(tmp_path, epochs=4)], clean_env(tmp_path))
-    live.until(has("epoch   1/4"))
+def test_sigterm_saves_and_the_run_resumes_exactly(tmp_path, clean_env, cli, reference):
+    live = Live([str(BIN/"expert-lab"), *train_args(tmp_path, epochs=5)], clean_env(tmp_path))
+    live.until(has("epoch   1/5"))
     os.kill(live.p.pid, signal.SIGTERM)  # to the process only, as `kill` does
     assert live.finish() == 143, "\n".join(live.lines)
     [d] = run_dirs(tmp_path/"runs")
@@ -152,15 +168,12 @@ def test_sigterm_saves_and_the_run_resumes_exactly(tmp_path, clean_env, cli):
     assert (d/"report.html").is_file() and "| status | interrupted" in (d/"report.ipynb").read_text()
     r = cli(tmp_path, "resume", d)
     assert r.returncode == 0, r.stdout + r.stderr
-    [rd] = run_dirs(tmp_path/"ref"/"runs")
-    a, b = metrics(d), metrics(rd)
+    a = metrics(d)
     assert (a["status"], a["attempts"], a["restarts"]) == ("completed", 2, 1)
-    for k in ("epochs_done", "best_epoch", "best_val_acc", "test_acc", "test_loss"):
-        assert a[k] == b[k], k
-    assert history_epochs(d) == history_epochs(rd) == [1, 2, 3, 4]
+    same_result(d, reference)
 
 
-def test_sigkill_of_the_parent_then_a_resume_keeps_history_whole(tmp_path, clean_env, cli):
+def test_sigkill_of_the_parent_then_a_resume_keeps_history_whole(tmp_path, clean_env, cli, reference):
     live = Live([str(BIN/"expert-lab"), *train_args(tmp_path, epochs=5)], clean_env(tmp_path))
     live.until(has("epoch   2/5"))
     kernel = kernel_of(live.p.pid)
@@ -180,6 +193,7 @@ def test_sigkill_of_the_parent_then_a_resume_keeps_history_whole(tmp_path, clean
     assert live.finish() == 0, "\n".join(live.lines)
     assert any("took over run folder" in l for l in live.lines)
     assert history_epochs(d) == [1, 2, 3, 4, 5] and metrics(d)["status"] == "completed"
+    same_result(d, reference)
 
 
 def test_a_second_writer_is_refused_before_any_work(tmp_path, clean_env, cli):
@@ -190,9 +204,12 @@ def test_a_second_writer_is_refused_before_any_work(tmp_path, clean_env, cli):
     r = cli(tmp_path, *train_args(tmp_path, "--run-dir", run, epochs=30))
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "is in use by" in r.stderr, r.stderr
     assert str(live.p.pid) in r.stderr, "the holder is named"
-    os.killpg(live.p.pid, signal.SIGINT)
+    os.killpg(live.p.pid, signal.SIGINT)  # Ctrl-C to one expert's terminal
     assert live.finish() == 130
-    assert metrics(run)["status"] == "interrupted" and set(before) <= {p for p in run.rglob("*") if p.is_file()}
+    m = metrics(run)
+    assert (m["status"], m["stop_signal"]) == ("interrupted", "SIGINT") and set(before) <= {p for p in run.rglob("*") if p.is_file()}
+    assert (run/"report.html").is_file() and (run/"checkpoints"/"last.pt").is_file()
+    assert "interrupted" in cli(tmp_path, "runs").stdout
 
 
 # plain papermill ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,67 @@
+"""The shape of the package, held by tests: imports form no cycle, no module imports another's private names, every
+module stays a readable size, and the training loop reads in one sitting."""
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1]/"expert_lab"
+
+
+def _modules():
+    out = {}
+    for p in PKG.rglob("*.py"):
+        if p.name == "_modidx.py": continue
+        parts = p.relative_to(PKG.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+def _imports(name, path, mods):
+    "(module imported, names taken from it) for every `from ... import` in `path`, function bodies included."
+    pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom): continue
+        base = node.module or ""
+        if node.level:
+            up = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
+            base = ".".join(up + ([node.module] if node.module else []))
+        if not base.startswith("expert_lab"): continue
+        for a in node.names:
+            target = f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
+            yield target, a.name
+
+
+def test_no_import_cycle():
+    mods = _modules()
+    graph = defaultdict(set)
+    for name, path in mods.items():
+        for target, _ in _imports(name, path, mods):
+            if target in mods and target != name and not target.startswith(name + "."): graph[name].add(target)
+    state, cycles = {}, []
+    def visit(n, path):
+        state[n] = "open"
+        for m in graph[n]:
+            if state.get(m) == "open": cycles.append(path[path.index(m):] + [m])
+            elif m not in state: visit(m, path + [m])
+        state[n] = "done"
+    for n in mods:
+        if n not in state: visit(n, [n])
+    assert cycles == []
+
+
+def test_no_private_names_across_modules():
+    mods = _modules()
+    leaks = [(name, f"{t}.{n}") for name, path in mods.items() for t, n in _imports(name, path, mods)
+             if n.startswith("_") and t != name and not (t.startswith(name + ".") or name.startswith(t + "."))]
+    assert leaks == []
+
+
+def test_modules_stay_readable():
+    big = {n: len(p.read_text().splitlines()) for n, p in _modules().items()}
+    assert {n: k for n, k in big.items() if k > 400} == {}
+
+
+def test_the_training_loop_reads_in_one_sitting():
+    tree = ast.parse((PKG/"train.py").read_text())
+    [fn] = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train"]
+    assert fn.end_lineno - fn.lineno + 1 <= 50
