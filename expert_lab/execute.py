@@ -24,19 +24,26 @@ _OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 """
 
+_EXPORTER = []  # the HTML exporter, built once: nbconvert and its template take about a second to load
+
+def _html_exporter():
+    if not _EXPORTER:
+        import jinja2
+        from nbconvert import HTMLExporter
+        from traitlets.config import Config
+        c = Config(); c.TagRemovePreprocessor.remove_input_tags = {"remove-input"}; c.TagRemovePreprocessor.enabled = True
+        _EXPORTER.append(HTMLExporter(config=c, extra_loaders=[jinja2.DictLoader({"offline.html.j2": _OFFLINE_TEMPLATE})],
+                                      template_file="offline.html.j2"))
+    return _EXPORTER[0]
+
 def write_html(nb_path:str|Path, # an executed notebook
                html_path:str|Path|None=None, # destination; default: beside it with .html
               )->Path:
     "Convert a notebook to self-contained HTML that fetches nothing from the network."
-    import jinja2, nbformat
-    from nbconvert import HTMLExporter
-    from traitlets.config import Config
+    import nbformat
     nb_path = Path(nb_path)
     html_path = Path(html_path) if html_path else nb_path.with_suffix(".html")
-    c = Config(); c.TagRemovePreprocessor.remove_input_tags = {"remove-input"}; c.TagRemovePreprocessor.enabled = True
-    exp = HTMLExporter(config=c, extra_loaders=[jinja2.DictLoader({"offline.html.j2": _OFFLINE_TEMPLATE})],
-                       template_file="offline.html.j2")
-    body, _ = exp.from_notebook_node(nbformat.read(nb_path, as_version=4))
+    body, _ = _html_exporter().from_notebook_node(nbformat.read(nb_path, as_version=4))
     atomic_write(html_path, body)
     return html_path
 
@@ -167,6 +174,7 @@ def execute_notebook(src:Path, # notebook to run
     tmp = tempfile.mkdtemp(prefix="expert-lab-kernel-")
     kcfg = Config(); kcfg.KernelManager.transport = "ipc"; kcfg.KernelManager.ip = f"{tmp}/k"
     con = Console(tmp, console) if console is not None else None
+    threading.Thread(target=_html_exporter, daemon=True).start()  # loads while the kernel works, not after it
     log = open(log_path, "a") if log_path is not None else None
     err = None
     try:
