@@ -69,7 +69,10 @@ def check_train(jobs:list, # (config, sources) per expert
     if jobs[0][0].distill_from: check_distill(jobs[0][0])  # its teachers exist, completed, of its dataset
 
 # %% ../nbs/08_cli.ipynb #4c468285
-def _say(line): print(line, flush=True)
+_SAY = threading.Lock()  # experts training side by side print whole lines, never halves of two
+
+def _say(line):
+    with _SAY: print(line, flush=True)
 
 def _outcome_line(rec:dict, # a run's final metrics.json record (with run_dir)
                  )->str:
@@ -78,8 +81,9 @@ def _outcome_line(rec:dict, # a run's final metrics.json record (with run_dir)
     if rec.get("status") == "completed":
         return f"expert {k}: test accuracy {rec.get('test_acc') or float('nan'):.4f} (top-5 {rec.get('test_top5') or float('nan'):.4f})  report {d/'report.html'}"
     if rec.get("status") == "interrupted":
-        at = rec.get("stopped_at")
-        where = (f"in epoch {at['epoch']} after step {at['step']}" if at else f"after epoch {rec.get('epochs_done', 0)}")
+        from expert_lab.catalog import read_run
+        at = rec.get("stopped_at")  # a stop by signal saved there; otherwise the last epoch saved, as `runs` shows it
+        where = f"in epoch {at['epoch']} after step {at['step']}" if at else f"after epoch {read_run(d).get('epochs') or 0}"
         by = f" by {rec['stop_signal']}" if rec.get("stop_signal") else ""
         return f"expert {k}: stopped{by} {where} (checkpoints/last.pt saved there); resume with: expert-lab resume {d}"
     return f"expert {k}: failed: {rec.get('error') or rec.get('status')}  report {d/'report.html'}"
