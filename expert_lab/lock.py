@@ -122,7 +122,7 @@ def _command()->str:
 
 # %% ../nbs/06d_lock.ipynb #2b436899
 _POLL_S = 0.5  # how often a waiting start looks again
-_wait = time.sleep  # tests replace it to act at the moment a start waits
+_wait = time.sleep  # the one place a start waits; replaceable, to act at exactly that moment
 
 def _seconds(name:str, v, positive:bool=True)->float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v if positive else 0 <= v) or v == float("inf"):
