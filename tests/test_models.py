@@ -206,3 +206,12 @@ def test_compile():
     torch.testing.assert_close(y, m(x), rtol=1e-3, atol=1e-3)
     y.sum().backward()
     assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.slow
+def test_readme_model_table_is_the_cards():
+    "The README's model table is `expert-lab models --markdown`, line for line: figures come from the cards only."
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1]/"README.md").read_text()
+    table = format_model_table(model_table(), markdown=True).strip().splitlines()
+    assert [l for l in table if l not in readme] == []
