@@ -151,7 +151,12 @@ def console_tee(path:str|Path|None # the parent's pipe; None or "" copies nothin
     try: fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # fails at once (no block) when nobody reads any more
     except OSError: yield; return
     os.set_blocking(fd, True)
-    with open(fd, "w", buffering=1) as pipe, redirect_stdout(_Tee(sys.stdout, pipe)): yield
+    pipe = open(fd, "w", buffering=1)
+    try:
+        with redirect_stdout(_Tee(sys.stdout, pipe)): yield
+    finally:
+        try: pipe.close()
+        except OSError: pass  # the parent went away: what it missed is in the report; the run's own outcome stands
 
 # %% ../nbs/06f_execute.ipynb #1dc5b95d
 def runbook(name:str="train_expert" # notebook name in nbs/
