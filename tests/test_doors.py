@@ -200,7 +200,8 @@ def test_a_second_writer_is_refused_before_any_work(tmp_path, clean_env, cli):
     run = tmp_path/"runs"/"mine"
     live = Live([str(BIN/"expert-lab"), *train_args(tmp_path, "--run-dir", run, epochs=30)], clean_env(tmp_path))
     live.until(has("epoch   1/30"))
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    # the survivor's files (not its lock, nor a temporary an atomic write has in flight at this moment)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and not p.name.startswith(".")}
     r = cli(tmp_path, *train_args(tmp_path, "--run-dir", run, epochs=30))
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "is in use by" in r.stderr, r.stderr
     assert str(live.p.pid) in r.stderr, "the holder is named"
