@@ -181,7 +181,7 @@ def test_sigkill_of_the_parent_then_a_resume_keeps_history_whole(tmp_path, clean
     live.finish()
     if kernel: wait_gone(kernel)  # the kernel notices its parent is gone and ends
     [d] = run_dirs(tmp_path/"runs")
-    assert metrics(d)["status"] == "running", ("nobody was left to write the record", metrics(d).get("error"))
+    assert metrics(d)["status"] == "running", ("nobody was left to write the record", metrics(d).get("error"))  # the kernel wrote nothing after its parent died
     listed = cli(tmp_path, "runs").stdout
     assert "interrupted" in listed and str(d) in listed, listed
     # resume, and look at history.csv while the resumed attempt runs
