@@ -156,6 +156,21 @@ def test_ctrl_c_stops_two_parallel_experts_that_stream_their_lines(tmp_path, cle
     assert out.count("interrupted") == 2
 
 
+def test_ctrl_c_to_one_expert_saves_and_resumes_exactly(tmp_path, clean_env, cli, reference):
+    live = Live([str(BIN/"expert-lab"), *train_args(tmp_path, epochs=5)], clean_env(tmp_path))
+    live.until(has("epoch   1/5"))
+    os.killpg(live.p.pid, signal.SIGINT)  # a terminal's Ctrl-C, to the whole process group
+    assert live.finish() == 130, "\n".join(live.lines)
+    [d] = run_dirs(tmp_path/"runs")
+    m = metrics(d)
+    assert (m["status"], m["stop_signal"]) == ("interrupted", "SIGINT") and m["stopped_at"]["epoch"] == m["epochs_done"] + 1
+    assert (d/"report.html").is_file() and "| status | interrupted" in (d/"report.ipynb").read_text()
+    assert "interrupted" in cli(tmp_path, "runs").stdout
+    r = cli(tmp_path, "resume", d)
+    assert r.returncode == 0, r.stdout + r.stderr
+    same_result(d, reference)
+
+
 def test_sigterm_saves_and_the_run_resumes_exactly(tmp_path, clean_env, cli, reference):
     live = Live([str(BIN/"expert-lab"), *train_args(tmp_path, epochs=5)], clean_env(tmp_path))
     live.until(has("epoch   1/5"))
