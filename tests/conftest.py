@@ -71,3 +71,18 @@ def slurm():
     r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=60)
     if r.returncode or not r.stdout.strip():
         pytest.fail(f"sinfo is installed but Slurm does not answer ({r.stderr.strip()}); run tools/slurm.sh start")
+
+
+SLURM_FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+
+def wait_slurm(job_ids, timeout=300):
+    "Poll sacct until every job is in a final state (what a Slurm test waits on); return {job_id: state}."
+    import time
+    from expert_lab.slurm import slurm_states
+    end = time.time() + timeout
+    while time.time() < end:
+        states = slurm_states(job_ids)
+        if all(s in SLURM_FINAL for s in states.values()): return states
+        time.sleep(1)
+    raise AssertionError(f"jobs not finished after {timeout}s: {states}")

@@ -10,9 +10,9 @@ import pytest
 
 from expert_lab.config import TrainConfig, coerce, project_root, read_settings, resolve_config, settings_values
 from expert_lab.files import read_json
+from conftest import SLURM_FINAL as TERMINAL, wait_slurm as wait_done
 from expert_lab.slurm import SlurmError, SlurmResources, slurm_resources, slurm_state, slurm_states, submit_experts
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
 
 @pytest.fixture
@@ -40,16 +40,6 @@ def experts(tmp_path, n, epochs, steps=2, **kw):
     args = dict(dataset="digits", model="wideresnet10_1", n_experts=n, epochs=epochs, steps_per_epoch=steps, batch_size=32,
                 device="cpu", runs_dir=str(tmp_path/"runs")) | kw
     return [resolve_config({**args, "expert_id": k}, env={}, settings=configparser.ConfigParser()) for k in range(n)]
-
-
-def wait_done(job_ids, timeout=120):
-    "Poll sacct until every job is in a final state; return {job_id: state}."
-    end = time.time() + timeout
-    while time.time() < end:
-        states = slurm_states(job_ids)
-        if all(s in TERMINAL for s in states.values()): return states
-        time.sleep(1)
-    raise AssertionError(f"jobs not finished after {timeout}s: {states}")
 
 
 def history_epochs(run_dir):

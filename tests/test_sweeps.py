@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import CONFIG_ENV as _CONFIG_ENV, isolated_env as clean_env
+from conftest import CONFIG_ENV as _CONFIG_ENV, SLURM_FINAL as TERMINAL, isolated_env as clean_env, wait_slurm as wait_done
 
 from expert_lab.config import ConfigError
 from expert_lab.files import read_json, write_json
@@ -19,7 +19,6 @@ from expert_lab.sweeps import open_sweep, run_sweep
 from expert_lab.sweep_stats import point_summary, report_keys, sweep_frame, sweep_report
 
 REPO = Path(__file__).resolve().parents[1]
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
 # what `expert-lab train` does with a grid: run_sweep, and a ConfigError as one line with exit status 2
 DRIVER = """
@@ -224,17 +223,6 @@ def test_dry_run_prints_the_grid_and_creates_nothing(tmp_path, monkeypatch, caps
 
 
 # Slurm: the whole grid as one array ----------------------------------------------------------------------------------
-
-def wait_done(job_ids, timeout=300):
-    "Poll sacct until every job is in a final state; return {job_id: state}."
-    from expert_lab.slurm import slurm_states
-    end = time.time() + timeout
-    while time.time() < end:
-        states = slurm_states(job_ids)
-        if all(s in TERMINAL for s in states.values()): return states
-        time.sleep(1)
-    raise AssertionError(f"jobs not finished after {timeout}s: {states}")
-
 
 @pytest.mark.slurm
 @pytest.mark.slow
