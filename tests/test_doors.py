@@ -225,7 +225,6 @@ def test_a_second_writer_is_refused_before_any_work(tmp_path, clean_env, cli):
     m = metrics(run)
     assert (m["status"], m["stop_signal"]) == ("interrupted", "SIGINT") and set(before) <= {p for p in run.rglob("*") if p.is_file()}
     assert (run/"report.html").is_file() and (run/"checkpoints"/"last.pt").is_file()
-    assert "interrupted" in cli(tmp_path, "runs").stdout
 
 
 # plain papermill ---------------------------------------------------------------------------------------------------
