@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_cli.ipynb #25ced9d9
 from __future__ import annotations
-import argparse, os, sys, threading
+import argparse, sys, threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path

@@ -4,10 +4,10 @@
 
 # %% ../nbs/00_config.ipynb #957872bc
 from __future__ import annotations
-import configparser, dataclasses, difflib, math, os
-from dataclasses import dataclass, field, fields, asdict
+import configparser, difflib, math, os
+from dataclasses import dataclass, fields, asdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 # %% auto #0
 __all__ = ['FIELD_TYPES', 'CONFIG_SECTIONS', 'KERNEL_NAME', 'SEED_ENV', 'CHOICES', 'SOURCES', 'TrainConfig', 'ConfigError',
