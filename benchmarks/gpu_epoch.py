@@ -26,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from expert_lab.config import TrainConfig, pick_device
 from expert_lab.data import ImageDataset
 from expert_lab.models import create_model
-from expert_lab.train import ExpertData, setup_training, train_epoch
+from expert_lab.experts import ExpertData
+from expert_lab.train import setup_training, train_epoch
 
 EPOCH_IMAGES = 50_000
 DEFAULT_MODELS = "resnet18,wideresnet28_10"

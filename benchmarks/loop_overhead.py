@@ -27,7 +27,9 @@ from expert_lab.augment import EvalTransform, TrainAugment, mix_batch, soft_targ
 from expert_lab.config import TrainConfig
 from expert_lab.data import DeviceLoader
 from expert_lab.models import create_model
-from expert_lab.train import _epoch_seed, lr_factor, prepare_expert_data, train
+from expert_lab.experts import prepare_expert_data
+from expert_lab.recipe import lr_factor
+from expert_lab.train import _epoch_seed, train
 
 
 def plain_loop(cfg: TrainConfig) -> tuple[float, float]:

@@ -28,14 +28,6 @@ from .distill import build_teacher, distill_loss
 # %% auto #0
 __all__ = ['TrainState', 'setup_training', 'train_epoch', 'Outcome', 'TrainResult', 'train']
 
-# %% ../nbs/05_train.ipynb #584952b8
-# Names that moved out of this module, re-exported until their import sites use the new homes; then delete this cell.
-from .experts import data_root
-from .recipe import param_groups
-from .checkpoint import CHECKPOINT_FORMAT, save_checkpoint, load_checkpoint
-from .progress import PROGRESS_MODES
-_strip_compile_prefix = strip_compile_prefix  # ensemble.py's import; use checkpoint.tested_weights instead
-
 # %% ../nbs/05_train.ipynb #be1b086d
 @dataclass(repr=False)
 class TrainState:
