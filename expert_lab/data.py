@@ -106,13 +106,21 @@ def validation_split(labels:torch.Tensor, # int64 class labels of the training s
     return order[~is_val].sort().values, order[is_val].sort().values
 
 # %% ../nbs/01_data.ipynb #c3035019
+def _digits_file()->Path:
+    "scikit-learn's bundled digits.csv.gz, found without importing scikit-learn."
+    from importlib.util import find_spec
+    spec = find_spec('sklearn')  # locates the package; runs none of its code
+    path = Path(spec.submodule_search_locations[0])/'datasets'/'data'/'digits.csv.gz' if spec else None
+    if path is None or not path.exists(): raise DatasetError("dataset 'digits' needs scikit-learn: pip install scikit-learn")
+    return path
+
 def _digits():
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = torch.from_numpy(d.images).float()[:, None]*(255/16)
+    import gzip
+    with gzip.open(_digits_file(), 'rt') as f: d = np.loadtxt(f, delimiter=',')  # 64 pixels, then the label
+    x = torch.from_numpy(d[:, :-1].reshape(-1, 1, 8, 8)).float()*(255/16)
     x = F.interpolate(x, size=(32, 32), mode='bilinear', align_corners=False)
     x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    y = torch.from_numpy(d.target).long()
+    y = torch.from_numpy(d[:, -1].astype(np.int64))
     tr, te = validation_split(y, round(len(y)*0.2), seed=0)
     return ImageDataset('digits', x[tr], y[tr], x[te], y[te], [str(i) for i in range(10)], *channel_stats(x[tr]))
 

@@ -103,15 +103,35 @@ def plot_partition(counts:torch.Tensor, # [n_experts, num_classes], as from `par
                    ax=None, # matplotlib axes to draw on; a new figure when None
                   ):
     "Heatmap of class counts per expert; returns the axes."
-    import matplotlib.pyplot as plt, seaborn as sns
+    import matplotlib.pyplot as plt
     counts = torch.as_tensor(counts)
-    if ax is None: _, ax = plt.subplots(figsize=(min(2 + 0.35*counts.shape[1], 16), 1 + 0.45*counts.shape[0]))
-    small = counts.numel() <= 120
-    sns.heatmap(counts.numpy(), ax=ax, cmap='viridis', annot=small, fmt='d', cbar=not small,
-                xticklabels=classes if classes is not None and counts.shape[1] <= 40 else 'auto',
-                yticklabels=[f'expert {k}' for k in range(counts.shape[0])])
+    n, c = counts.shape
+    if ax is None: _, ax = plt.subplots(figsize=(min(2 + 0.35*c, 16), 1 + 0.45*n))
+    mesh = ax.pcolormesh(counts.numpy(), cmap='viridis')
+    ax.set_xlim(0, c); ax.set_ylim(n, 0)  # expert 0 on top, as in a table
+    if counts.numel() <= 120: _annotate(ax, mesh, counts)
+    else: ax.figure.colorbar(mesh, ax=ax)
+    _class_ticks(ax, c, classes)
+    ax.set_yticks(np.arange(n) + 0.5, [f'expert {k}' for k in range(n)], rotation=0)
+    ax.tick_params(length=0)
+    for s in ax.spines.values(): s.set_visible(False)
     ax.set_xlabel('class'); ax.set_title(f'images per class and expert (total {int(counts.sum())})')
     return ax
+
+# %% ../nbs/02_experts.ipynb #1c4eeaa8
+def _annotate(ax, mesh, counts):
+    "Write each count in its cell, in a colour that reads on the cell's."
+    rgb = mesh.cmap(mesh.norm(counts.numpy()))[..., :3]
+    dark = (rgb @ np.array([0.2126, 0.7152, 0.0722])) < 0.408
+    for (i, j), v in np.ndenumerate(counts.numpy()):
+        ax.text(j + 0.5, i + 0.5, f'{int(v)}', ha='center', va='center', fontsize=9, color='w' if dark[i, j] else '0.15')
+
+def _class_ticks(ax, c, classes):
+    "Class names under the columns (upright when short) when there are at most 40, else every few column numbers."
+    if classes is not None and c <= 40: names = [str(x) for x in classes]; ax.set_xticks(np.arange(c) + 0.5, names, rotation=90 if max(map(len, names), default=0) > 3 else 0)
+    else:
+        step = max(1, -(-c // 50))
+        ax.set_xticks(np.arange(0, c, step) + 0.5, [str(j) for j in range(0, c, step)])
 
 # %% ../nbs/02_experts.ipynb #e91cca28
 def expert_split(cfg:TrainConfig, # val_size (-1: the dataset's default), partition, n_experts, dirichlet_alpha, min_shard_size, expert_id, seed

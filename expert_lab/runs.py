@@ -51,11 +51,12 @@ def _git(*args):
 
 def provenance()->dict:
     "Where and with what a run was made: git commit and dirty flag, versions, interpreter, host, device."
-    import torch, torchvision
+    import torch
+    from importlib.metadata import version  # torchvision's number without importing it (seconds in a fresh kernel)
     from expert_lab import __version__
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
     return dict(git_commit=_git("rev-parse", "HEAD") or None, git_dirty=bool(_git("status", "--porcelain", "--", "expert_lab", "nbs")),
-                expert_lab=__version__, torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(),
+                expert_lab=__version__, torch=torch.__version__, torchvision=version('torchvision'), python=platform.python_version(),
                 executable=sys.executable, host=platform.node(), device=dev, cuda_devices=torch.cuda.device_count(),
                 slurm_job_id=os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID")),
                 slurm_task_id=os.environ.get("SLURM_ARRAY_TASK_ID"), slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))

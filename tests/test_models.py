@@ -215,3 +215,60 @@ def test_readme_model_table_is_the_cards():
     readme = (Path(__file__).resolve().parents[1]/"README.md").read_text()
     table = format_model_table(model_table(), markdown=True).strip().splitlines()
     assert [l for l in table if l not in readme] == []
+
+
+# --- the post-activation ResNet and DenseNet are torchvision's networks, written out (importing torchvision costs every
+# fresh kernel seconds): the same state-dict keys and shapes, and torchvision's weights give the same outputs
+def _torchvision_twin(name:str)->torch.nn.Module:
+    "torchvision's network for a zoo name, with the zoo's CIFAR stem swapped in and its head left as it is."
+    import torchvision.models.densenet as tvd, torchvision.models.resnet as tvr
+    from torch import nn
+    if name.startswith('densenet'):
+        blocks = {'densenet121': (6, 12, 24, 16), 'densenet_bc100_k12': (16, 16, 16)}[name]
+        growth, stem = (32, 64) if name == 'densenet121' else (12, 24)
+        m = tvd.DenseNet(growth, blocks, stem, num_classes=100)
+        m.features.conv0 = nn.Conv2d(3, stem, 3, padding=1, bias=False)
+        del m.features.norm0, m.features.relu0, m.features.pool0
+        if name == 'densenet121':  # weiaicunzai's transitions have no ReLU
+            for t in m.features:
+                if isinstance(t, tvd._Transition): t.relu = nn.Identity()
+        return m
+    block, layers, kw = {'resnet18': (tvr.BasicBlock, [2, 2, 2, 2], {}), 'resnet50': (tvr.Bottleneck, [3, 4, 6, 3], {}),
+                         'resnext29_8x64d': (tvr.Bottleneck, [3, 3, 3, 1], dict(groups=8, width_per_group=64))}[name]
+    m = tvr.ResNet(block, layers, num_classes=100, **kw)
+    m.conv1, m.maxpool = nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.Identity()
+    if name.startswith('resnext'): m.layer4 = nn.Identity()  # three stages
+    return m
+
+
+def _twin_features(tv, x):
+    if hasattr(tv, 'features'): return tv.features(x).relu()
+    x = tv.relu(tv.bn1(tv.conv1(x)))
+    return tv.layer4(tv.layer3(tv.layer2(tv.layer1(x))))
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50', 'resnext29_8x64d', 'densenet121', 'densenet_bc100_k12'])
+def test_torchvision_weights_give_the_same_outputs(name):
+    torch.manual_seed(0)
+    ours, tv = create_model(name).eval(), _torchvision_twin(name).eval()
+    tv_body = {k: v for k, v in tv.state_dict().items() if not k.startswith(('fc.', 'classifier.'))}
+    ours_body = {k: v for k, v in ours.state_dict().items() if not k.startswith('head.')}
+    assert {k: v.shape for k, v in ours_body.items()} == {k: v.shape for k, v in tv_body.items()}
+    for m in tv.modules():  # BatchNorm statistics away from 0/1, so a wrong order of BN and conv shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2); m.running_var.uniform_(0.5, 1.5); m.weight.data.uniform_(0.5, 1.5); m.bias.data.uniform_(-0.2, 0.2)
+    ours.load_state_dict({**tv.state_dict(), **{k: v for k, v in ours.state_dict().items() if k.startswith('head.')}}, strict=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(): torch.testing.assert_close(ours.forward_features(x), _twin_features(tv, x))
+
+
+def test_no_torchvision_behind_the_models():
+    "Building every model imports no torchvision: a fresh kernel pays only for torch."
+    import subprocess, sys
+    code = ("import sys; from expert_lab.models import create_model, list_models\n"
+            "[create_model(n) for n in ('resnet18', 'resnext29_8x64d', 'densenet_bc100_k12', 'wideresnet16_4')]\n"
+            "import expert_lab.train, expert_lab.runs; expert_lab.runs.provenance()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'sklearn', 'seaborn', 'scipy')))")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == '[]', out.stdout

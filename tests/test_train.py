@@ -384,11 +384,15 @@ SEEDED = json.loads((Path(__file__).parent/"seeded_runs.json").read_text())
 
 @pytest.mark.parametrize("case", sorted(SEEDED))
 def test_seeded_run_matches_the_recorded_one(tiny, case):
-    "Same seed, same numbers: every history value and metric equals the one recorded (one CPU thread, deterministic)."
+    """Same seed, same numbers: every history value and metric equals a recorded run exactly (deterministic, CPU).
+    Each case keeps one run per kind of machine seen (other CPUs pick other convolution kernels and drift apart in the
+    last digits); on a new kind, tools/seeded_runs.py records it from a checkout whose behaviour is known."""
     want = SEEDED[case]
     r = train(tiny(**want["config"]), progress="none")
-    assert [{k: v for k, v in h.items() if k not in TIMING} for h in r.history] == want["history"]
-    assert r.metrics == want["metrics"]
+    got = dict(history=[{k: v for k, v in h.items() if k not in TIMING} for h in r.history], metrics=r.metrics)
+    seen = [run["recorded_on"] for run in want["runs"]]
+    assert any(got == dict(history=run["history"], metrics=run["metrics"]) for run in want["runs"]), (
+        f"{case}: equals none of the runs recorded on {seen}; on a new kind of machine, record it with tools/seeded_runs.py")
 
 
 def test_the_tested_weights_are_the_ones_the_checkpoint_rule_names(tiny, tmp_path):

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
-import torchvision.models.resnet as tvr
 
 # %% ../../nbs/04_models.ipynb #e1991a99
 class ClassifierHead(nn.Module):
@@ -38,9 +37,7 @@ def init_weights(model:nn.Module, zero_init_residual:bool=False) -> nn.Module:
         elif isinstance(m, nn.Linear): nn.init.zeros_(m.bias)
     if zero_init_residual:
         for m in model.modules():
-            if isinstance(m, tvr.Bottleneck): nn.init.zeros_(m.bn3.weight)
-            elif isinstance(m, tvr.BasicBlock): nn.init.zeros_(m.bn2.weight)
-            elif hasattr(m, 'zero_init_last'): m.zero_init_last()
+            if hasattr(m, 'zero_init_last'): m.zero_init_last()
     return model
 
 # %% ../../nbs/04_models.ipynb #7ddc6aa3
