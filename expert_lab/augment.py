@@ -193,6 +193,18 @@ def mix_batch(x:torch.Tensor, # float images [B,C,H,W]
     return x, torch.lerp(targets_soft.index_select(0, perm), targets_soft, lam)
 
 # %% ../nbs/03_augment.ipynb #02fdbf10
+def _mosaic(img:torch.Tensor, # float [B,H,W,C] in [0, 1]
+            ncols:int, pad:int, label_h:int, # images per row; pixels between images; pixels above each for its label
+           )->torch.Tensor:
+    "The images on a white canvas, `ncols` per row, each with `label_h` free pixels above it."
+    B, H, W, C = img.shape
+    rows, cell_h, cell_w = math.ceil(B/ncols), label_h + H + pad, W + pad
+    canvas = torch.ones(rows*cell_h, ncols*cell_w, C)
+    for k in range(B):
+        r, c = divmod(k, ncols)
+        canvas[r*cell_h + label_h:r*cell_h + label_h + H, c*cell_w:c*cell_w + W] = img[k]
+    return canvas
+
 def show_batch(x:torch.Tensor, # uint8 [B,C,H,W], or float normalized with `mean`/`std` (or in [0,1] when they are None)
                labels:torch.Tensor|None=None, # labels to print above the images
                classes:list|None=None, # class names for the labels
@@ -209,13 +221,14 @@ def show_batch(x:torch.Tensor, # uint8 [B,C,H,W], or float normalized with `mean
         img = x.float()
         if mean is not None: img = img*torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
     img = img.clamp(0, 1).permute(0, 2, 3, 1)
-    nrows = math.ceil(len(img)/ncols)
-    fig, axs = plt.subplots(nrows, ncols, figsize=(1.3*ncols, 1.45*nrows), squeeze=False)
-    for k, ax in enumerate(axs.flat):
-        ax.axis('off')
-        if k >= len(img): continue
-        ax.imshow(img[k].squeeze(-1) if img.shape[-1] == 1 else img[k], cmap='gray' if img.shape[-1] == 1 else None)
-        if labels is not None:
-            y = int(labels[k]); ax.set_title(classes[y] if classes is not None else str(y), fontsize=8)
-    fig.tight_layout()
+    ncols, (H, W), pad, label_h = min(ncols, len(img)), img.shape[1:3], 2, 10 if labels is not None else 0
+    canvas = _mosaic(img, ncols, pad, label_h)
+    fig, ax = plt.subplots(figsize=(1.3*ncols, 1.3*ncols*canvas.shape[0]/canvas.shape[1]))
+    ax.imshow(canvas.squeeze(-1) if img.shape[-1] == 1 else canvas, cmap='gray' if img.shape[-1] == 1 else None,
+              interpolation='nearest', vmin=0, vmax=1)
+    for k in range(len(img) if labels is not None else 0):
+        r, c = divmod(k, ncols); y = int(labels[k])
+        ax.text(c*(W + pad) + W/2, r*(label_h + H + pad) + label_h - 1.5, classes[y] if classes is not None else str(y),
+                ha='center', va='bottom', fontsize=8)
+    ax.axis('off'); fig.subplots_adjust(0, 0, 1, 1)
     return fig

@@ -17,7 +17,10 @@ from .runs import HISTORY_COLUMNS, RunFailed, finish_record, new_run_dir, run_su
 __all__ = ['SMOKE', 'write_html', 'write_summary', 'forward_signals', 'Console', 'console_tee', 'runbook', 'execute_notebook',
            'error_line', 'run_expert', 'open_notebook_run', 'HoldFolder', 'HistoryCSV', 'recording', 'report_notebook']
 
-# %% ../nbs/06f_execute.ipynb #0a5b68b0
+# %% ../nbs/06f_execute.ipynb #07263488
+sys.modules.setdefault("rfc3987_syntax", None)  # `import rfc3987_syntax` now raises ImportError, which jsonschema expects
+
+# %% ../nbs/06f_execute.ipynb #86933cc7
 _OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
@@ -35,6 +38,11 @@ def _html_exporter():
         _EXPORTER.append(HTMLExporter(config=c, extra_loaders=[jinja2.DictLoader({"offline.html.j2": _OFFLINE_TEMPLATE})],
                                       template_file="offline.html.j2"))
     return _EXPORTER[0]
+
+def _warm_html_exporter():
+    "Build the exporter and convert a one-cell notebook: the template compiles now (~1 s), not after the run."
+    import nbformat
+    _html_exporter().from_notebook_node(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")]))
 
 def write_html(nb_path:str|Path, # an executed notebook
                html_path:str|Path|None=None, # destination; default: beside it with .html
@@ -158,7 +166,7 @@ def console_tee(path:str|Path|None # the parent's pipe; None or "" copies nothin
         try: pipe.close()
         except OSError: pass  # the parent went away: what it missed is in the report; the run's own outcome stands
 
-# %% ../nbs/06f_execute.ipynb #1dc5b95d
+# %% ../nbs/06f_execute.ipynb #99d5827b
 def runbook(name:str="train_expert" # notebook name in nbs/
            )->Path:
     "Path of one of the parameterized notebooks that papermill executes."
@@ -179,7 +187,7 @@ def execute_notebook(src:Path, # notebook to run
     tmp = tempfile.mkdtemp(prefix="expert-lab-kernel-")
     kcfg = Config(); kcfg.KernelManager.transport = "ipc"; kcfg.KernelManager.ip = f"{tmp}/k"
     con = Console(tmp, console) if console is not None else None
-    threading.Thread(target=_html_exporter, daemon=True).start()  # loads while the kernel works, not after it
+    threading.Thread(target=_warm_html_exporter, daemon=True).start()  # while the kernel works, not after it
     log = open(log_path, "a") if log_path is not None else None
     err = None
     try:

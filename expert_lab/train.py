@@ -322,6 +322,12 @@ def _start_lines(st, data, val):
                                       f"{cfg.distill_temperature}, soft-target weight {cfg.distill_alpha})")
     if val is None: yield "no validation set (val_size=0): early stopping is off; the final weights are evaluated"
 
+def _checked_data(cfg, data):
+    "The expert's data, loaded unless given, with room for at least one batch."
+    data = prepare_expert_data(cfg) if data is None else data
+    check_batch_fits(cfg, len(data.train_idx))
+    return data
+
 def _restore(st, saved, best, ckpt_dir, out):
     "Continue from checkpoint `saved` (and the best weights `best`); a finished run asked for more epochs goes on."
     st.load_state_dict(saved); st.best_state = best; st.restarts += 1
@@ -338,6 +344,7 @@ def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
           hooks:Sequence=(), # objects with optional `on_epoch_end(record, state)` and `on_train_end(result)`
           resume:bool=True, # continue from run_dir/checkpoints/last.pt when it exists
           progress:str="auto", # one of `PROGRESS_MODES`
+          data:ExpertData|None=None, # `prepare_expert_data(cfg)`, when the caller has it already (a report); None loads it
          )->TrainResult:
     "Train one expert as `cfg` says, evaluate the tested weights on the test set, and return the history and metrics."
     # config: everything that can be wrong is checked before any compute
@@ -347,8 +354,7 @@ def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
     saved, best = load_resume(ckpt_dir, cfg) if resume and has_last else (None, None)
     with determinism(cfg, device), _StopOnSignal() as stop:
         # data
-        data = prepare_expert_data(cfg)
-        check_batch_fits(cfg, len(data.train_idx))
+        data = _checked_data(cfg, data)
         val = eval_loader(data, "val", 2*cfg.batch_size, device) if len(data.val_idx) else None
         # model, optimizer, schedule; then the checkpoint's state
         st = setup_training(cfg, data, device, saved and saved.get("teachers"))

@@ -99,13 +99,13 @@ def test_cifar_stems():
     for name in ['densenet121', 'densenet_bc100_k12', 'efficient_densenet']:  # a bare 3x3 conv, then the first block
         first, second = list(meta_model(name).features.children())[:2]
         assert isinstance(first, torch.nn.Conv2d) and first.kernel_size == (3, 3) and first.stride == (1, 1)
-        assert type(second).__name__ == '_DenseBlock'
+        assert type(second).__name__ == 'DenseBlock'
     assert meta_model('preact_resnet18').norm is None  # kuangliu's: no BN-ReLU after the last block
     assert meta_model('wideresnet16_4').norm is not None  # every WRN reference has one
 
 
 def test_transition_relu():
-    relus = lambda name: [type(t.relu).__name__ for t in meta_model(name).features if type(t).__name__ == '_Transition']
+    relus = lambda name: [type(t.relu).__name__ for t in meta_model(name).features if type(t).__name__ == 'Transition']
     assert relus('densenet121') == ['Identity'] * 3  # weiaicunzai's transitions: BN-conv-pool
     assert relus('densenet_bc100_k12') == relus('efficient_densenet') == ['ReLU'] * 2  # the authors' and gpleiss's
 
@@ -262,13 +262,18 @@ def test_torchvision_weights_give_the_same_outputs(name):
     with torch.no_grad(): torch.testing.assert_close(ours.forward_features(x), _twin_features(tv, x))
 
 
-def test_no_torchvision_behind_the_models():
-    "Building every model imports no torchvision: a fresh kernel pays only for torch."
+def test_a_run_imports_only_what_it_uses():
+    """A fresh process that builds the models and trains (as each report's kernel does) imports no torchvision,
+    scikit-learn, SciPy or seaborn: each costs a run's kernel seconds before its first epoch. (torch._dynamo it does
+    import: torch.optim's optimizers load it on their first param group.)"""
     import subprocess, sys
-    code = ("import sys; from expert_lab.models import create_model, list_models\n"
+    code = ("import sys; from expert_lab.models import create_model\n"
             "[create_model(n) for n in ('resnet18', 'resnext29_8x64d', 'densenet_bc100_k12', 'wideresnet16_4')]\n"
-            "import expert_lab.train, expert_lab.runs; expert_lab.runs.provenance()\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'sklearn', 'seaborn', 'scipy')))")
+            "import expert_lab.runs; expert_lab.runs.provenance()\n"
+            "from expert_lab.config import TrainConfig; from expert_lab.train import train\n"
+            "train(TrainConfig(model='wideresnet10_1', dataset='digits', n_experts=1, partition='full', epochs=1,\n"
+            "                  steps_per_epoch=2, batch_size=32, device='cpu'), progress='none')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('torchvision', 'sklearn', 'seaborn', 'scipy')}))")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == '[]', out.stdout

@@ -11,7 +11,7 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+import torch.utils.checkpoint as cp
 
 from .registry import ClassifierHead, ModelCard, init_weights, register_model
 
@@ -31,7 +31,7 @@ class DenseLayer(nn.Module):
 
     def forward(self, features:list):
         if self.memory_efficient and any(f.requires_grad for f in features):
-            out = checkpoint(self.bottleneck, *features, use_reentrant=False)
+            out = cp.checkpoint(self.bottleneck, *features, use_reentrant=False)
         else: out = self.bottleneck(*features)
         return self.conv2(self.norm2(out).relu())
 
