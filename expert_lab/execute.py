@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .config import KERNEL_NAME, TrainConfig, explicit_args, project_root, resolve_config, schedule_warning
 from .files import atomic_write, read_json, write_csv
-from .runs import HISTORY_COLUMNS, RunFailed, finish_record, new_run_dir, run_summary, start_record
+from .runs import (HISTORY_COLUMNS, RunFailed, finish_record, new_run_dir, record_provenance, run_summary,
+                             start_record)
 
 # %% auto #0
 __all__ = ['SMOKE', 'write_html', 'write_summary', 'forward_signals', 'Console', 'console_tee', 'runbook', 'execute_notebook',
@@ -235,7 +236,7 @@ def run_expert(cfg:TrainConfig, # resolved, checked config
     try:
         if takeover: (console or print)(takeover)
         _keep_previous_report(run_dir)
-        start_record(run_dir, cfg, sources, extra)
+        start_record(run_dir, cfg, sources, extra, with_provenance=False)  # the kernel adds it: it imports torch anyway
         params = dict(config_json=json.dumps({"config": asdict(cfg), "sources": sources}), run_dir=str(run_dir), resume=resume,
                       lock_token=lock.token)  # the kernel joins our hold, and stops if it is ever lost
         err = execute_notebook(src, run_dir/"report.ipynb", params, console=console, log_path=run_dir/"run.log")
@@ -261,6 +262,7 @@ def open_notebook_run(params:dict, # the notebook's parameters (its globals() wi
         j, run_dir = json.loads(params["config_json"]), Path(params["run_dir"])
         lock = RunLock(run_dir, join=params.get("lock_token")) if params.get("lock_token") else None
         if lock is not None: lock.acquire()
+        record_provenance(run_dir)
         return TrainConfig(**j["config"]), j["sources"], run_dir, lock
     from expert_lab.preflight import preflight, resolve_run
     smoke = params.get("smoke")

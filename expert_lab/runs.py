@@ -13,7 +13,7 @@ from .files import read_json, write_json
 
 # %% auto #0
 __all__ = ['HISTORY_COLUMNS', 'runs_root', 'run_group', 'expert_dir', 'new_run_dir', 'provenance', 'start_record',
-           'finish_record', 'load_run_config', 'run_summary', 'RunFailed', 'write_group_summary']
+           'record_provenance', 'finish_record', 'load_run_config', 'run_summary', 'RunFailed', 'write_group_summary']
 
 # %% ../nbs/06_runs.ipynb #ec1f5b10
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec")
@@ -66,6 +66,7 @@ def start_record(run_dir:Path, # the run folder
                  cfg:TrainConfig, # resolved config
                  sources:dict, # where each value came from
                  extra:dict|None=None, # more to keep in config.json, e.g. {"sweep": id, "point": {...}}
+                 with_provenance:bool=True, # False: the process that trains adds it (`record_provenance`)
                 )->dict:
     "Write config.json and a `running` metrics.json; return the metrics record."
     run_dir = Path(run_dir)
@@ -73,8 +74,16 @@ def start_record(run_dir:Path, # the run folder
     old = read_json(run_dir/"metrics.json", {})
     rec = dict(status="running", model=cfg.model, partition=cfg.partition, n_experts=cfg.n_experts, expert_id=cfg.expert_id,
                dataset=cfg.dataset, started=old.get("started") or dt.datetime.now().isoformat(timespec="seconds"),
-               attempts=old.get("attempts", 0) + 1, provenance=provenance())
+               attempts=old.get("attempts", 0) + 1)
+    if with_provenance: rec["provenance"] = provenance()
     write_json(run_dir/"metrics.json", rec)
+    return rec
+
+def record_provenance(run_dir:Path # the run folder, whose metrics.json `start_record` wrote
+                     )->dict:
+    "Add this process's provenance to the run's metrics.json; return the record."
+    rec = {**read_json(Path(run_dir)/"metrics.json", {}), "provenance": provenance()}
+    write_json(Path(run_dir)/"metrics.json", rec)
     return rec
 
 def finish_record(run_dir:Path, # the run folder
