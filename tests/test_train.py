@@ -422,3 +422,14 @@ def test_loop_overhead_benchmark_runs():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "ratio engine/plain:" in out.stdout and "same test accuracy and loss (same batches, same arithmetic): yes" in out.stdout
+
+
+@pytest.mark.slow
+def test_papermill_overhead_benchmark_runs():
+    out = subprocess.run([PY, "benchmarks/papermill_overhead.py", "--epochs", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [l.split() for l in out.stdout.splitlines() if l.startswith(("engine,", "papermill,"))]
+    assert sorted(f"{r[0]} {r[1]}" for r in rows if len(r) > 8) == ["engine, fresh", "engine, warm", "papermill, fresh"]
+    assert "papermill over the engine, both fresh processes:" in out.stdout and "goal: at most 10%" in out.stdout
+    assert "note: the test accuracies differ" not in out.stdout  # the same seeded run through every door
