@@ -23,7 +23,7 @@ so their accuracies match.
 
 The machine may be shared: figures vary from run to run; `--repeats 2` alternates the order and reports each run.
 """
-import argparse, configparser, csv, json, math, subprocess, sys, tempfile, time
+import argparse, configparser, json, math, subprocess, sys, tempfile, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #8af2f204
 from __future__ import annotations
-import math, signal, threading, time
+import signal, threading, time
 from dataclasses import dataclass, field, asdict
 from itertools import islice
 from pathlib import Path
