@@ -67,6 +67,7 @@ class TrainConfig:
     deterministic: bool = False  # deterministic kernels (slower; bit-exact resumes on the CPU)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     runs_dir: str = "runs"  # where run folders are written
+    keep_optimizer: bool = False  # a finished run keeps its optimizer state in last.pt (to train it further later); else weights only
     # distillation: one student learns from the experts' ensemble
     distill_from: str = ""  # experts to distil from, as <model>/<partition>-<n> (e.g. resnet18/iid-4); empty: labels only
     distill_temperature: float = 4.0  # softmax temperature of the teacher's and student's soft targets
