@@ -182,9 +182,9 @@ def test_model_table():
     row = next(r for r in rows if r['name'] == 'resnet18')
     assert row['family'] == 'resnet' and row['params'] == count_params(meta_model('resnet18'))
     assert row['macs'] / 1e9 == pytest.approx(0.56, rel=0.02) and row['top1'] == 75.61
-    for r in rows:  # the recipe's range stays within a few points of the literature
-        assert r['expected'][0] < r['expected'][1]
-        if r['top1'] is not None: assert r['expected'][0] - 2 <= r['top1'] <= r['expected'][1]
+    # only sourced figures: no column of this project's own accuracy until a run of it measures one
+    assert set(rows[0]) == {'name', 'family', 'params', 'macs', 'top1', 'source'}
+    assert all(r['source'] != 'not published' for r in rows)
     plain, md = format_model_table(rows).splitlines(), format_model_table(rows, markdown=True).splitlines()
     assert len(plain) == len(rows) + 1 and len(md) == len(rows) + 2  # plain: files.format_table, a header line
     assert plain[0].split()[:2] == ['model', 'family'] and plain[1].split()[:2] == [rows[0]['name'], rows[0]['family']]

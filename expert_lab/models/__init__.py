@@ -34,7 +34,7 @@ def count_macs(model:torch.nn.Module, # the model, in eval mode
     return counter.get_total_flops() // 2
 
 # %% ../../nbs/04e_zoo.ipynb #67c647e1
-def model_table(published:bool=True, # add the published top-1, its source and the expected range
+def model_table(published:bool=True, # add the published top-1 and its source
                ) -> list[dict]:
     "One row per registered model: name, family, params, MACs per 32x32 image, and (if `published`) the literature."
     rows = []
@@ -42,7 +42,7 @@ def model_table(published:bool=True, # add the published top-1, its source and t
         with torch.device('meta'): model = create_model(name).eval()
         card = model_card(name)
         row = dict(name=name, family=card.family, params=count_params(model), macs=count_macs(model))
-        if published: row |= dict(top1=card.top1, source=card.source, expected=card.expected)
+        if published: row |= dict(top1=card.top1, source=card.source)
         rows.append(row)
     order = lambda f: _families.index(f) if f in _families else len(_families)  # a test's own family goes last
     return sorted(rows, key=lambda r: (order(r['family']), r['params']))
@@ -54,7 +54,6 @@ _columns = {  # row key: header, format, right-aligned (in Markdown)
     'params': ('params', lambda v: f'{v / 1e6:.2f}M', True),
     'macs': ('MACs', lambda v: f'{v / 1e9:.2f}G', True),
     'top1': ('published top-1', lambda v: '-' if v is None else f'{v:.2f}'.removesuffix('0') + '%', True),
-    'expected': ('this recipe', lambda v: '-' if v is None else f'{v[0]:.1f}-{v[1]:.1f}%', True),
     'source': ('source', str, False),
 }
 

@@ -91,18 +91,18 @@ _weiaicunzai = partial(CifarDenseNet, 32, transition_relu=False)
 _recipe = dict(weight_decay=1e-4, drop_rate=0.0)
 _recipe_large = _recipe | dict(batch_size=64, lr=0.05)
 register_model(
-    ModelCard('densenet121', 'densenet', partial(_weiaicunzai, (6, 12, 24, 16)), 77.01, _src, (77.0, 79.5),
+    ModelCard('densenet121', 'densenet', partial(_weiaicunzai, (6, 12, 24, 16)), 77.01, _src,
               recipe=_recipe),
     ModelCard('densenet169', 'densenet', partial(_weiaicunzai, (6, 12, 32, 32)), None,
-              'not in the weiaicunzai/pytorch-cifar100 table (densenet121 77.01, densenet201 78.54)', (77.5, 80.0),
+              'not in the weiaicunzai/pytorch-cifar100 table (densenet121 77.01, densenet201 78.54)',
               recipe=_recipe),
-    ModelCard('densenet201', 'densenet', partial(_weiaicunzai, (6, 12, 48, 32)), 78.54, _src, (78.0, 80.5),
+    ModelCard('densenet201', 'densenet', partial(_weiaicunzai, (6, 12, 48, 32)), 78.54, _src,
               recipe=_recipe_large),
     ModelCard('densenet_bc100_k12', 'densenet', partial(CifarDenseNet, 12, (16, 16, 16), 24), 77.73,
-              'liuzhuang13/DenseNet README table, DenseNet-BC (L=100, k=12) C100+: crop+flip, 300 epochs', (76.5, 78.5),
+              'liuzhuang13/DenseNet README table, DenseNet-BC (L=100, k=12) C100+: crop+flip, 300 epochs',
               recipe=_recipe),
     ModelCard('efficient_densenet', 'densenet',
               partial(CifarDenseNet, 12, (32, 32, 32), 24, memory_efficient=True), None,
               'DenseNet-BC L=196 k=12: not published; nearest: densenet_bc100_k12 (L=100, 0.8M params, 77.73)',
-              (77.0, 79.5), recipe=_recipe_large),
+              recipe=_recipe_large),
 )

@@ -49,7 +49,6 @@ class ModelCard:
     build: Callable           # build(num_classes=, drop_rate=, **overrides) -> nn.Module
     top1: float|None = None   # published CIFAR-100 top-1 (%), crop+flip unless the source says otherwise
     source: str = 'not published' # where `top1` comes from
-    expected: tuple[float,float]|None = None # realistic top-1 range (%) for this project's recipe
     recipe: dict = field(default_factory=dict) # config keys this model trains with instead of the built-in defaults
 
 class UnknownModelError(ValueError):

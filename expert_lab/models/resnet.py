@@ -145,11 +145,11 @@ class PreActResNet(nn.Module):
 # %% ../../nbs/04a_resnet.ipynb #b9199f3f
 _src = 'weiaicunzai/pytorch-cifar100 README table; 200 epochs, crop+flip+rotate 15 deg, mean/std'
 register_model(
-    ModelCard('resnet18', 'resnet', partial(CifarResNet, BasicBlock, [2, 2, 2, 2]), 75.61, _src, (75.5, 78.0)),
-    ModelCard('resnet34', 'resnet', partial(CifarResNet, BasicBlock, [3, 4, 6, 3]), 76.76, _src, (76.5, 79.0)),
-    ModelCard('resnet50', 'resnet', partial(CifarResNet, Bottleneck, [3, 4, 6, 3]), 77.39, _src, (77.0, 79.5)),
+    ModelCard('resnet18', 'resnet', partial(CifarResNet, BasicBlock, [2, 2, 2, 2]), 75.61, _src),
+    ModelCard('resnet34', 'resnet', partial(CifarResNet, BasicBlock, [3, 4, 6, 3]), 76.76, _src),
+    ModelCard('resnet50', 'resnet', partial(CifarResNet, Bottleneck, [3, 4, 6, 3]), 77.39, _src),
     ModelCard('preact_resnet18', 'resnet',
               partial(PreActResNet, PreActBlock, [2, 2, 2, 2], [64, 128, 256, 512], final_norm=False), None,
               "kuangliu PreActResNet18 (CIFAR-10 only); mixup paper's PreAct ResNet-18 has a BN-ReLU stem, "
-              "its CIFAR-100 table not confirmed", (76.0, 78.5)),
+              "its CIFAR-100 table not confirmed"),
 )

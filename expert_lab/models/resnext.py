@@ -50,11 +50,11 @@ _post = ("original block, batch 128: authors' README says it beats the paper's f
          "(pre-activation, {}: {}) but gives none")
 register_model(
     ModelCard('resnext29_8x64d', 'resnext', partial(_resnext29, 8, 64), None,
-              _post.format('preact_resnext29_8x64d', 82.23), (81.0, 83.0), recipe=_recipe),
+              _post.format('preact_resnext29_8x64d', 82.23), recipe=_recipe),
     ModelCard('resnext29_16x64d', 'resnext', partial(_resnext29, 16, 64), None,
-              _post.format('preact_resnext29_16x64d', 82.69), (81.5, 83.5), recipe=_recipe_16),
-    ModelCard('preact_resnext29_8x64d', 'resnext', partial(_preact_resnext29, 8, 64), 82.23, _paper, (81.0, 83.0),
+              _post.format('preact_resnext29_16x64d', 82.69), recipe=_recipe_16),
+    ModelCard('preact_resnext29_8x64d', 'resnext', partial(_preact_resnext29, 8, 64), 82.23, _paper,
               recipe=_recipe),
-    ModelCard('preact_resnext29_16x64d', 'resnext', partial(_preact_resnext29, 16, 64), 82.69, _paper, (81.5, 83.5),
+    ModelCard('preact_resnext29_16x64d', 'resnext', partial(_preact_resnext29, 16, 64), 82.69, _paper,
               recipe=_recipe_16),
 )

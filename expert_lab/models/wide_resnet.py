@@ -35,12 +35,12 @@ _readme = 'szagoruyko/wide-residual-networks README'
 _recipe = {}  # the built-in defaults are the WRN paper's recipe (lr 0.1, batch 128, weight decay 5e-4, dropout 0.3)
 register_model(
     ModelCard('wideresnet28_10', 'wide_resnet', partial(wide_resnet, 28, 10), 80.75,
-              f'{_readme}: mean/std, crop+flip, median of 5 runs, 200 epochs; 81.15 with dropout 0.3', (80.5, 82.5), recipe=_recipe),
+              f'{_readme}: mean/std, crop+flip, median of 5 runs, 200 epochs; 81.15 with dropout 0.3', recipe=_recipe),
     ModelCard('wideresnet40_2', 'wide_resnet', partial(wide_resnet, 40, 2), None,
-              f'not in the {_readme} (mean/std figures: WRN-28-10 only); paper tables not confirmed', (73.5, 76.0),
+              f'not in the {_readme} (mean/std figures: WRN-28-10 only); paper tables not confirmed',
               recipe=_recipe),
     ModelCard('wideresnet16_4', 'wide_resnet', partial(wide_resnet, 16, 4), None,
-              f'not in the {_readme} (mean/std figures: WRN-28-10 only); paper tables not confirmed', (75.5, 77.5),
+              f'not in the {_readme} (mean/std figures: WRN-28-10 only); paper tables not confirmed',
               recipe=_recipe),
 )
 
