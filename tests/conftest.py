@@ -8,6 +8,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# a hang guard, never a duration: long enough for a 2-core machine that something else keeps busy
+HANG_S = 600
 # variables a developer's shell may set that would change what a command resolves to
 CONFIG_ENV = ("MODEL_TYPE", "EXPERT_ID", "EPOCHS", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
 
@@ -76,7 +78,7 @@ def slurm():
 SLURM_FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
 
-def wait_slurm(job_ids, timeout=300):
+def wait_slurm(job_ids, timeout=HANG_S):
     "Poll sacct until every job is in a final state (what a Slurm test waits on); return {job_id: state}."
     import time
     from expert_lab.slurm import slurm_states

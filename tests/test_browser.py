@@ -24,6 +24,7 @@ import pytest
 
 from expert_lab.config import project_root
 from expert_lab.lab import KERNEL_NAME, lab_command
+from conftest import HANG_S
 
 ROOT = project_root()
 ARTIFACTS = Path(__file__).parent/"artifacts"
@@ -60,7 +61,7 @@ class Lab:
     log: Path
 
     def api(self, path: str):
-        with urllib.request.urlopen(f"{self.base}/api/{path}?token={self.token}", timeout=10) as r: return json.load(r)
+        with urllib.request.urlopen(f"{self.base}/api/{path}?token={self.token}", timeout=HANG_S) as r: return json.load(r)
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -82,7 +83,7 @@ def _stop(proc: subprocess.Popen):
     except psutil.NoSuchProcess: family = []
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)  # Jupyter's clean exit: kernels are shut down first
-        try: proc.wait(30)
+        try: proc.wait(HANG_S)
         except subprocess.TimeoutExpired: proc.kill(); proc.wait()
     for p in family:
         try: p.kill()
@@ -111,12 +112,12 @@ def lab_server(root: Path, runs_dir: Path, tmp: Path):
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     lab = Lab(f"http://127.0.0.1:{port}", token, log)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + HANG_S
         while True:
             if proc.poll() is not None: pytest.fail(f"JupyterLab exited with {proc.returncode}:\n{lab.log_tail()}")
             try: lab.api("status"); break
             except OSError:
-                if time.monotonic() > deadline: pytest.fail(f"JupyterLab did not answer within 90 s:\n{lab.log_tail()}")
+                if time.monotonic() > deadline: pytest.fail(f"JupyterLab did not answer within {HANG_S} s:\n{lab.log_tail()}")
                 time.sleep(0.5)
         yield lab
     finally:
@@ -176,8 +177,8 @@ _KERNEL_JS = """() => {
 def open_notebook(page, lab: Lab, path: str) -> str:
     "Open `path` in the lab and wait until its kernel is up and idle; return the kernel name the toolbar shows."
     page.goto(f"{lab.base}/lab/tree/{path}?token={lab.token}")
-    page.wait_for_selector(f"{_PANEL} .jp-Notebook .jp-Cell", timeout=90_000)
-    return page.wait_for_function(_KERNEL_JS, timeout=90_000).json_value()
+    page.wait_for_selector(f"{_PANEL} .jp-Notebook .jp-Cell", timeout=HANG_S*1000)
+    return page.wait_for_function(_KERNEL_JS, timeout=HANG_S*1000).json_value()
 
 
 def run_all(page, timeout_s: float) -> dict:
@@ -201,7 +202,7 @@ def image_sizes(page, selector: str, shots: dict[int, str] | None = None) -> lis
     for i in range(imgs.count()):
         img = imgs.nth(i)
         img.scroll_into_view_if_needed()
-        page.wait_for_function("i => i.complete", arg=img.element_handle(), timeout=10_000)
+        page.wait_for_function("i => i.complete", arg=img.element_handle(), timeout=HANG_S*1000)
         sizes.append(tuple(img.evaluate("i => [i.naturalWidth, i.naturalHeight]")))
         if shots and i in shots: shot(page, shots[i])
     return sizes
@@ -267,7 +268,7 @@ def test_train_notebook_and_report_in_chromium(tmp_path):
 
         # act 1: the lab opens at nbs/ (the default URL) and the runbook opens on the project's kernel
         page.goto(f"{lab.base}/?token={lab.token}")
-        page.wait_for_selector(".jp-DirListing-item[title*='train_expert.ipynb']", timeout=90_000)
+        page.wait_for_selector(".jp-DirListing-item[title*='train_expert.ipynb']", timeout=HANG_S*1000)
         assert page.url.startswith(f"{lab.base}/lab/tree/nbs"), page.url
         shown = open_notebook(page, lab, NOTEBOOK)
         assert shown == display, f"toolbar shows kernel {shown!r}, expected {display!r} ({KERNEL_NAME})"

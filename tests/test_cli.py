@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIG_ENV as _CONFIG_ENV, isolated_env as clean_env, run_cli as cli
+from conftest import HANG_S, CONFIG_ENV as _CONFIG_ENV, isolated_env as clean_env, run_cli as cli
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -123,7 +123,7 @@ def test_no_wandb_both_spellings(tmp_path, monkeypatch, capsys):
 
 def test_papermill_lists_the_runbook_parameters():
     r = subprocess.run([str(BIN/"papermill"), "--help-notebook", str(REPO/"nbs"/"train_expert.ipynb")],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 0, r.stderr
     assert "Unable to parse" not in r.stdout + r.stderr, r.stdout + r.stderr
     for p in ("model: str", "expert_id: int", "dataset: str", "epochs: int", "batch_size: int", "steps_per_epoch: int",
@@ -145,7 +145,7 @@ def test_report_runbooks_have_typed_parameters(name):
 
 def test_train_help_explains_every_config_flag():
     from expert_lab.config import FIELD_TYPES, field_docs
-    r = subprocess.run([str(BIN/"expert-lab"), "train", "--help"], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    r = subprocess.run([str(BIN/"expert-lab"), "train", "--help"], capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "COLUMNS": "200"})
     text = " ".join(r.stdout.split())
     docs = field_docs()
     # --expert-id has its own help (one id, a list or all); every other key shows its docment

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import BIN, REPO
+from conftest import BIN, HANG_S, REPO
 
 pytestmark = pytest.mark.slow
 MARKERS = ("Executing Cell", "Ending Cell", "<Figure size", "Executing:", "Input Notebook")
@@ -63,7 +63,7 @@ def kernel_of(parent_pid):
     return None
 
 
-def wait_gone(pid, timeout=60):
+def wait_gone(pid, timeout=HANG_S):
     "Wait until process `pid` has exited (a condition the test observes; it is not a guess about timing)."
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from test_catalog import make_run
+from conftest import HANG_S
 
 pytestmark = pytest.mark.slow  # ~30 short processes; no training, no kernels
 EXE = Path(sys.executable).with_name("expert-lab")
@@ -90,7 +91,7 @@ def test_one_line_no_traceback_nothing_created(tmp_path, args, setup, status, sa
     project = tmp_path/"project"; project.mkdir()
     if setup: setup(project)
     before = _tree(tmp_path)
-    r = subprocess.run([str(EXE), *args], cwd=project, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    r = subprocess.run([str(EXE), *args], cwd=project, env=_env(tmp_path), capture_output=True, text=True, timeout=HANG_S)
     out = r.stdout + r.stderr
     assert "Traceback" not in out, out
     assert r.returncode == status, f"exit {r.returncode}, expected {status}:\n{out}"

@@ -8,6 +8,7 @@ import pytest
 
 from expert_lab.config import project_root
 from expert_lab.lab import KERNEL_NAME
+from conftest import HANG_S
 
 ROOT = project_root()
 EXE = Path(sys.executable).with_name("expert-lab")
@@ -25,7 +26,7 @@ def _env(tmp: Path) -> dict:
             "IPYTHONDIR": str(tmp/"ipython")}
 
 
-def _read_url(proc: subprocess.Popen, timeout_s: float = 90) -> str:
+def _read_url(proc: subprocess.Popen, timeout_s: float = HANG_S) -> str:
     "Read the lab's stdout until it prints its URL (the line it prints once the server says where it listens)."
     sel, deadline, out = selectors.DefaultSelector(), time.monotonic() + timeout_s, b""
     sel.register(proc.stdout, selectors.EVENT_READ)
@@ -40,7 +41,7 @@ def _read_url(proc: subprocess.Popen, timeout_s: float = 90) -> str:
 
 
 def _get(url: str):
-    with urllib.request.urlopen(url, timeout=10) as r: return r.geturl(), r.read()
+    with urllib.request.urlopen(url, timeout=HANG_S) as r: return r.geturl(), r.read()
 
 
 def test_lab_moves_to_a_free_port_and_prints_it(tmp_path):
@@ -62,16 +63,16 @@ def test_lab_moves_to_a_free_port_and_prints_it(tmp_path):
             assert _get(f"{base}/?token={token}")[0].startswith(f"{base}/lab/tree/nbs")  # / opens the lab at nbs/
             assert _get(url)[0].startswith(f"{base}/lab/tree/nbs")
             os.killpg(proc.pid, signal.SIGINT)
-            assert proc.wait(30) == 0, (tmp_path/"lab.log").read_text()
+            assert proc.wait(HANG_S) == 0, (tmp_path/"lab.log").read_text()
         finally:
-            if proc.poll() is None: os.killpg(proc.pid, signal.SIGTERM); proc.wait(30)
+            if proc.poll() is None: os.killpg(proc.pid, signal.SIGTERM); proc.wait(HANG_S)
             proc.stdout.close()
 
 
 @pytest.mark.parametrize("port", ["99999", "0", "-1"])
 def test_lab_port_out_of_range_is_one_line(tmp_path, port):
     r = subprocess.run(_cmd("lab", f"--port={port}", "--no-browser"), env=_env(tmp_path), cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 2, r
     assert r.stdout == "" and r.stderr.splitlines() == [f"expert-lab: error: port: must be an integer in 1..65535, got {port}"], r.stderr
     assert list(tmp_path.iterdir()) == []

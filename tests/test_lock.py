@@ -9,6 +9,7 @@ import pytest
 
 from expert_lab import lock
 from expert_lab.lock import Holder, RunBusy, RunLock, check_free, read_holder, run_state
+from conftest import HANG_S
 
 # A trainer in miniature: wait for "go", take the folder, write its files, hold until told to release.
 CHILD = r"""
@@ -217,7 +218,7 @@ def test_heartbeat_thread_refreshes(tmp_path):
     with RunLock(tmp_path, heartbeat_s=0.01, stale_s=60) as lk:
         first, beaten, refresh = read_holder(tmp_path).heartbeat, threading.Event(), lk.refresh
         lk.refresh = lambda: (refresh(), beaten.set())  # the thread looks refresh up at every beat
-        assert beaten.wait(timeout=60)  # a safety net, not a duration: it beats every 10 ms
+        assert beaten.wait(timeout=HANG_S)  # a safety net, not a duration: it beats every 10 ms
         h = read_holder(tmp_path)
         assert h.heartbeat > first and h.token == lk.token
 

@@ -10,7 +10,7 @@ import pytest
 
 from expert_lab.config import TrainConfig, coerce, project_root, read_settings, resolve_config, settings_values
 from expert_lab.files import read_json
-from conftest import SLURM_FINAL as TERMINAL, wait_slurm as wait_done
+from conftest import HANG_S, SLURM_FINAL as TERMINAL, wait_slurm as wait_done
 from expert_lab.slurm import SlurmError, SlurmResources, slurm_resources, slurm_state, slurm_states, submit_experts
 
 
@@ -56,7 +56,7 @@ def test_array_of_experts_all_finish(slurm, settings, submit, tmp_path):
     assert all(d.parent.parent == tmp_path/"runs"/"wideresnet10_1"/"iid-2" for _, d in jobs)
     assert [read_json(d/"slurm.json")["job_id"] for _, d in jobs] == [j for j, _ in jobs]
     assert set(slurm_states([j for j, _ in jobs]).values()) <= {"PENDING", "RUNNING", "COMPLETED"}  # Slurm knows them
-    assert wait_done([j for j, _ in jobs], timeout=240) == {j: "COMPLETED" for j, _ in jobs}
+    assert wait_done([j for j, _ in jobs], timeout=HANG_S) == {j: "COMPLETED" for j, _ in jobs}
     for job_id, d in jobs:
         rec, metrics = read_json(d/"slurm.json"), read_json(d/"metrics.json")
         assert rec["job_id"] == job_id and rec["restarts"] == 0 and [s["job_id"] for s in rec["starts"]] == [job_id]
@@ -78,7 +78,7 @@ def test_requeued_task_resumes_in_its_run_folder(slurm, settings, submit, tmp_pa
         assert time.time() < end, f"no epoch finished after 180 s; job {job_id} is {slurm_state(job_id)}"
         time.sleep(0.5)
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-    assert wait_done([job_id], timeout=300) == {job_id: "COMPLETED"}
+    assert wait_done([job_id], timeout=HANG_S) == {job_id: "COMPLETED"}
     rec, metrics = read_json(d/"slurm.json"), read_json(d/"metrics.json")
     assert rec["restarts"] == 1 and [s["restart_count"] for s in rec["starts"]] == [0, 1]
     assert metrics["status"] == "completed" and metrics["epochs_done"] == epochs
@@ -93,7 +93,7 @@ def test_failing_expert_fails_its_job_only(slurm, settings, submit, tmp_path):
     cfgs = experts(tmp_path, 3, epochs=1)
     cfgs[1] = experts(tmp_path, 3, epochs=1, dataset="folder", data_root=str(tmp_path/"no-such-dataset"))[1]
     jobs = submit(cfgs, settings)
-    states = wait_done([j for j, _ in jobs], timeout=240)
+    states = wait_done([j for j, _ in jobs], timeout=HANG_S)
     assert [states[j] for j, _ in jobs] == ["COMPLETED", "FAILED", "COMPLETED"]
     assert [read_json(d/"metrics.json")["status"] for _, d in jobs] == ["completed", "failed", "completed"]
     assert "no-such-dataset" in read_json(jobs[1][1]/"metrics.json")["error"]
