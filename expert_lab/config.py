@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Mapping
 
 # %% auto #0
-__all__ = ['FIELD_TYPES', 'CONFIG_SECTIONS', 'KERNEL_NAME', 'SEED_ENV', 'CHOICES', 'SOURCES', 'TrainConfig', 'ConfigError',
-           'coerce', 'did_you_mean', 'check_key', 'project_root', 'settings_path', 'read_settings', 'settings_values',
-           'env_values', 'check_ranges', 'project_path', 'resolve_config', 'config_table', 'pick_device', 'field_docs',
+__all__ = ['FIELD_TYPES', 'CONFIG_SECTIONS', 'SLURM_KEYS', 'SETTINGS_SECTIONS', 'KERNEL_NAME', 'SEED_ENV', 'CHOICES', 'SOURCES',
+           'TrainConfig', 'ConfigError', 'coerce', 'did_you_mean', 'check_key', 'project_root', 'settings_path',
+           'check_settings', 'read_settings', 'settings_values', 'env_values', 'check_ranges', 'project_path',
+           'resolve_config', 'config_from_dict', 'config_table', 'check_device_kind', 'pick_device', 'field_docs',
            'explicit_args', 'schedule_warning']
 
 # %% ../nbs/00_config.ipynb #1268046b
@@ -22,7 +23,7 @@ class TrainConfig:
     # what to train
     model: str = "resnet18"  # architecture name, see `expert-lab models`
     dataset: str = "cifar100"  # cifar100, cifar10, digits or folder
-    data_root: str = "data"  # folder holding the datasets (relative paths resolve against the project root)
+    data_root: str = "data"  # folder holding the datasets (relative: to the project root, or to the settings file that sets it)
     # which expert
     expert_id: int = 0  # which partition this expert learns from, 0 to n_experts - 1
     n_experts: int = 4  # how many experts split the training set
@@ -66,7 +67,7 @@ class TrainConfig:
     seed: int = 0  # seeds data order, augmentation, partition and initialisation
     deterministic: bool = False  # deterministic kernels (slower; bit-exact resumes on the CPU)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
-    runs_dir: str = "runs"  # where run folders are written
+    runs_dir: str = "runs"  # where run folders are written (relative: as data_root)
     keep_optimizer: bool = False  # a finished run keeps its optimizer state in last.pt (to train it further later); else weights only
     # distillation: one student learns from the experts' ensemble
     distill_from: str = ""  # experts to distil from, as <model>/<partition>-<n> (e.g. resnet18/iid-4); empty: labels only
@@ -78,18 +79,16 @@ class TrainConfig:
     wandb_mode: str = "offline"  # offline, online or disabled
     tensorboard: bool = False  # also write TensorBoard event files
 
-# %% ../nbs/00_config.ipynb #5303f574
+# %% ../nbs/00_config.ipynb #82593092
 class ConfigError(ValueError):
     "A configuration value is unknown, of the wrong type or out of range."
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 FIELD_TYPES: dict[str, type] = {f.name: {"str": str, "int": int, "float": float, "bool": bool}[f.type] for f in fields(TrainConfig)}
+_PATH_KEYS = ("data_root", "runs_dir")  # folders: relative ones are made absolute as the config is resolved
 
-def coerce(key:str, # config key
-           value, # text (from a file, env or flag) or a Python value
-          ):
-    "Convert `value` to the type of `key`, or raise a `ConfigError` that says what is allowed."
-    typ = FIELD_TYPES[key]
+def _typed(key, value, typ):
+    "`value` as `typ`, or a `ConfigError` saying what kind of value `key` takes."
     if isinstance(value, str) and typ is not str:
         v = value.strip()
         try:
@@ -107,6 +106,18 @@ def coerce(key:str, # config key
         raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r} ({type(value).__name__})")
     return value
 
+def coerce(key:str, # config key
+           value, # text (from a file, env or flag) or a Python value
+          ):
+    "Convert `value` to the type of `key`, or raise a `ConfigError` that says what is allowed."
+    typ = FIELD_TYPES[key]
+    v = _typed(key, value, typ)
+    if typ is float and not math.isfinite(v): raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    if key in _PATH_KEYS and not v.strip():
+        raise ConfigError(f"{key}: must not be empty (an empty path would mean the current folder); "
+                          f"leave it out for the default {getattr(TrainConfig, key)!r}")
+    return v
+
 # %% ../nbs/00_config.ipynb #58fba0d6
 def did_you_mean(word:str, # what was typed
                  choices, # what is allowed
@@ -122,8 +133,11 @@ def check_key(key:str # a config key, hyphens or underscores
     if k not in FIELD_TYPES: raise ConfigError(f"unknown config key {key!r}{did_you_mean(k, FIELD_TYPES)}")
     return k
 
-# %% ../nbs/00_config.ipynb #c80bc57e
+# %% ../nbs/00_config.ipynb #ae469e2e
 CONFIG_SECTIONS = ("paths", "training", "tracking")
+SLURM_KEYS = ("partition", "account", "time_min", "gpus_per_task", "cpus_per_task", "mem_gb", "constraint",
+              "array_parallelism")  # the fields of `expert_lab.slurm.SlurmResources` (a test keeps the two equal)
+SETTINGS_SECTIONS = (*CONFIG_SECTIONS, "slurm")
 
 def project_root()->Path:
     "The folder holding `settings.ini`: `$EXPERT_LAB_ROOT`, else the nearest parent of the cwd or of this package."
@@ -137,19 +151,60 @@ def project_root()->Path:
 KERNEL_NAME = "expert-lab"  # the Jupyter kernel `make setup` registers inside .venv; every runbook runs on it
 
 def settings_path()->Path:
-    "Where the site settings are read from."
-    return Path(os.environ.get("EXPERT_LAB_SETTINGS") or project_root()/"settings.ini")
+    "Where the site settings are read from: `$EXPERT_LAB_SETTINGS` (a readable file) when set, else the project's."
+    name = os.environ.get("EXPERT_LAB_SETTINGS", "")
+    if name == "": return project_root()/"settings.ini"  # empty counts as unset, as for every EXPERT_LAB_ variable
+    p, where = Path(name).expanduser(), f"environment variable EXPERT_LAB_SETTINGS: {name}"
+    if not p.exists(): raise ConfigError(f"{where} does not exist; name a settings file, or unset it to use {project_root()/'settings.ini'}")
+    if p.is_dir(): raise ConfigError(f"{where} is a folder; name a settings file (e.g. {p/'settings.ini'})")
+    try: open(p, "rb").close()
+    except OSError as e: raise ConfigError(f"{where} cannot be read ({e.strerror})") from None
+    return p
+
+# %% ../nbs/00_config.ipynb #23f112d0
+def _text(p:Path)->str:
+    "The UTF-8 text of settings file `p`; a `ConfigError` naming the first line that is not UTF-8."
+    try: data = p.read_bytes()
+    except OSError as e: raise ConfigError(f"{p}: cannot be read ({e.strerror})") from None
+    try: return data.decode("utf-8-sig")  # a byte-order mark (some Windows editors write one) is not part of the text
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+
+def check_settings(cp:configparser.ConfigParser, # parsed site settings
+                   path:str|Path, # the file they came from, named in the error
+                  ):
+    "Raise a `ConfigError` naming `path` for an unknown section, or an unknown key in a known one."
+    allowed = ", ".join(f"[{s}]" for s in SETTINGS_SECTIONS)
+    if cp.defaults(): raise ConfigError(f"{path}: section [DEFAULT] is not used; allowed sections: {allowed}")
+    for sec in cp.sections():
+        if sec not in SETTINGS_SECTIONS:
+            raise ConfigError(f"{path}: unknown section [{sec}]{did_you_mean(sec, SETTINGS_SECTIONS)}; allowed sections: {allowed}")
+        keys = SLURM_KEYS if sec == "slurm" else FIELD_TYPES
+        for k in cp.options(sec):
+            if k.replace("-", "_") not in keys:
+                raise ConfigError(f"{path}: [{sec}]: unknown key {k!r}{did_you_mean(k.replace('-', '_'), keys)}"
+                                  + (f"; allowed: {', '.join(SLURM_KEYS)}" if sec == "slurm" else "; `expert-lab config` lists the keys"))
+
+def _relative_to_file(cp, p):
+    "Make the folders a settings file names absolute against the file's own folder."
+    for sec in CONFIG_SECTIONS:
+        for k in _PATH_KEYS:
+            v = cp.get(sec, k, fallback="").strip()
+            if v and not Path(v).expanduser().is_absolute(): cp.set(sec, k, str(p.absolute().parent/v))
 
 def read_settings(path:str|Path|None=None # settings file; default `settings_path()`
                  )->configparser.ConfigParser:
-    "Read the site settings (an empty parser when the file does not exist)."
-    cp = configparser.ConfigParser(inline_comment_prefixes=("#", ";"))
+    "Read and check the site settings (an empty parser when the file does not exist)."
+    cp = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
     p = Path(path) if path else settings_path()
-    try:
-        if p.exists(): cp.read(p)
+    if not p.exists(): return cp
+    try: cp.read_string(_text(p), source=str(p))
     except configparser.Error as e:
         line = f", line {e.lineno}" if getattr(e, "lineno", None) else ""
         raise ConfigError(f"{p}: not a valid settings file{line} ({str(e).splitlines()[0]}); see settings.ini in the project for the format") from None
+    check_settings(cp, p)
+    _relative_to_file(cp, p)
     return cp
 
 def settings_values(cp:configparser.ConfigParser # parsed site settings
@@ -177,7 +232,7 @@ def env_values(env:Mapping # environment, usually `os.environ`
         except ConfigError as e: raise ConfigError(f"environment variable {n}: {e}") from None
     return out
 
-# %% ../nbs/00_config.ipynb #3496622f
+# %% ../nbs/00_config.ipynb #33ea2a0a
 CHOICES = {
     "scheduler": ("cosine_restarts", "cosine", "constant"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
@@ -190,13 +245,16 @@ _NON_NEGATIVE = ("weight_decay", "momentum", "grad_clip", "warmup_epochs", "min_
 _PROBABILITIES = ("label_smoothing", "random_erasing", "drop_rate", "ema_decay", "momentum", "distill_alpha")
 
 def _check_device(d):
+    "The spelling of a device; whether this machine has it is `pick_device`'s question."
     if d in ("auto", "cpu", "cuda", "mps"): return
     if d.startswith("cuda:") and d[5:].isdigit(): return
-    raise ConfigError(f"device: {d!r} is not one of auto, cpu, cuda, cuda:N")
+    raise ConfigError(f"device: {d!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
 def check_ranges(cfg:TrainConfig # a fully resolved config
                 ):
     "Raise a `ConfigError` for the first value that is out of its allowed range."
+    for k, typ in FIELD_TYPES.items():  # `nan <= 0` is False: without this, nan would pass every check below
+        if typ is float and not math.isfinite(getattr(cfg, k)): raise ConfigError(f"{k}: must be a finite number, got {getattr(cfg, k)!r}")
     for k in _POSITIVE:
         if getattr(cfg, k) <= 0: raise ConfigError(f"{k}: must be > 0, got {getattr(cfg, k)!r}")
     for k in _NON_NEGATIVE:
@@ -210,9 +268,7 @@ def check_ranges(cfg:TrainConfig # a fully resolved config
         if getattr(cfg, k) not in allowed: raise ConfigError(f"{k}: {getattr(cfg, k)!r} is not one of {', '.join(allowed)}")
     _check_device(cfg.device)
 
-# %% ../nbs/00_config.ipynb #9eee7ae3
-_PATH_KEYS = ("data_root", "runs_dir")
-
+# %% ../nbs/00_config.ipynb #43e1cf84
 def project_path(p:str|Path # a path from the config; relative ones are relative to the project root
                 )->Path:
     "`p` as an absolute path."
@@ -254,6 +310,18 @@ def resolve_config(args:Mapping|None=None, # explicit values (CLI flags, papermi
     check_ranges(cfg)
     return cfg, sources
 
+# %% ../nbs/00_config.ipynb #dd7a515f
+def config_from_dict(raw:Mapping, # saved config values, e.g. config.json's "config"
+                     where:str, # the file they came from, named in every error
+                    )->TrainConfig:
+    "A `TrainConfig` from saved values, each checked as a typed value is; unknown keys are ignored."
+    if not isinstance(raw, Mapping): raise ConfigError(f"{where}: \"config\" must be a JSON object, got {type(raw).__name__}")
+    try:
+        cfg = TrainConfig(**{k: coerce(k, v) for k, v in raw.items() if k in FIELD_TYPES})
+        check_ranges(cfg)
+    except ConfigError as e: raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
 # %% ../nbs/00_config.ipynb #8f620847
 def config_table(cfg:TrainConfig, # resolved config
                  sources:dict, # where each value came from
@@ -263,11 +331,21 @@ def config_table(cfg:TrainConfig, # resolved config
     w = max(map(len, FIELD_TYPES))
     return "\n".join(f"{k:<{w}}  {v!r:<22} {sources[k]}" for k, v in rows)
 
-# %% ../nbs/00_config.ipynb #0bde1d2a
-def pick_device(name:str="auto" # auto, cpu, cuda, cuda:N
+# %% ../nbs/00_config.ipynb #a8fea721
+def check_device_kind(name:str # a device name that `check_ranges` accepted
+                     ):
+    "Raise a `ConfigError` when this torch build can never reach devices of `name`'s kind."
+    import torch
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device: 'mps' asked for, but this machine has no Apple MPS device; use cpu or auto")
+    if name.startswith("cuda") and not torch.backends.cuda.is_built():
+        raise ConfigError(f"device: {name!r} asked for, but this torch build has no CUDA support; use cpu or auto")
+
+def pick_device(name:str="auto" # auto, cpu, cuda, cuda:N, mps
                ):
     "The `torch.device` for `name`; `auto` prefers CUDA."
     import torch
+    check_device_kind(name)
     if name == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA GPU; use cpu or auto")
@@ -288,30 +366,35 @@ def explicit_args(namespace:Mapping # e.g. a notebook's `globals()`
     "The config keys in `namespace` that were given a value (not `None`)."
     return {k: v for k, v in namespace.items() if k in FIELD_TYPES and v is not None}
 
-# %% ../nbs/00_config.ipynb #2df26048
-def _cycle_ends(cfg, limit):
-    "Epochs at which a warm-restart cycle ends, up to `limit`."
-    ends, e, period = [], cfg.warmup_epochs, cfg.restart_period
-    while e + period <= limit + period:
-        e += period; ends.append(e); period *= cfg.restart_mult
-    return ends
+# %% ../nbs/00_config.ipynb #135e6a70
+def _cycle_end(cfg, k):
+    "The epoch at which warm-restart cycle `k` (1, 2, ...) ends; 0 gives the end of the warm-up."
+    m, p = cfg.restart_mult, cfg.restart_period
+    return cfg.warmup_epochs + p*(k if m == 1 else (m**k - 1)//(m - 1))
+
+def _cycles_by(cfg, limit):
+    "How many warm-restart cycles end at or before epoch `limit` (`limit` >= the warm-up)."
+    d, m, p = limit - cfg.warmup_epochs, cfg.restart_mult, cfg.restart_period
+    if m == 1: return d//p
+    k = int(math.log(d*(m - 1)//p + 1, m))  # m**k - 1 <= d*(m-1)/p; the float logarithm may be one off either way
+    while _cycle_end(cfg, k + 1) <= limit: k += 1
+    while k > 0 and _cycle_end(cfg, k) > limit: k -= 1
+    return k
 
 def schedule_warning(cfg:TrainConfig # a resolved config
                     )->str|None:
     "One warning line when the last epoch does not end a warm-restart cycle, saying what to pass instead; else None."
     if cfg.scheduler != "cosine_restarts": return None
-    ends = _cycle_ends(cfg, cfg.epochs)
-    if cfg.epochs in ends: return None
-    below = [e for e in ends if e < cfg.epochs]
-    fix = [f"--epochs {ends[-1]}"] + ([f"--epochs {below[-1]}"] if below else [])
-    fix.append(f"--restart-period {cfg.epochs - cfg.warmup_epochs}" if not below else "--scheduler cosine")
-    lr = cfg.min_lr + (cfg.lr - cfg.min_lr)*(1 + math.cos(math.pi*_cycle_pos(cfg)))/2
+    if cfg.epochs <= cfg.warmup_epochs:
+        return (f"warning: epochs={cfg.epochs} ends within the {cfg.warmup_epochs} warm-up epochs, before the schedule "
+                f"starts; pass --warmup-epochs {cfg.epochs - 1} or fewer")
+    n = _cycles_by(cfg, cfg.epochs)  # cycles that end by the last epoch
+    if n and _cycle_end(cfg, n) == cfg.epochs: return None
+    fix = [f"--epochs {_cycle_end(cfg, n + 1)}"] + ([f"--epochs {_cycle_end(cfg, n)}"] if n else [])
+    fix.append(f"--restart-period {cfg.epochs - cfg.warmup_epochs}" if not n else "--scheduler cosine")
+    start, period = _cycle_end(cfg, n), cfg.restart_period*cfg.restart_mult**n  # the cycle the last epoch is in
+    lr = cfg.min_lr + (cfg.lr - cfg.min_lr)*(1 + math.cos(math.pi*((cfg.epochs - start)/period)))/2
+    ends = [_cycle_end(cfg, k) for k in range(1, min(n + 1, 4) + 1)]
     return (f"warning: epochs={cfg.epochs} ends inside a warm-restart cycle (cycles end at epoch "
-            f"{', '.join(map(str, ends[:4]))}{', ...' if len(ends) > 4 else ''}), so training stops at lr {lr:.3g}, "
+            f"{', '.join(map(str, ends))}{', ...' if n + 1 > 4 else ''}), so training stops at lr {lr:.3g}, "
             f"{lr/cfg.lr:.0%} of the peak; pass {' or '.join(fix)} to end annealed")
-
-def _cycle_pos(cfg):
-    "Where the last epoch sits in its cycle, 0 (start) to 1 (end)."
-    start, period = cfg.warmup_epochs, cfg.restart_period
-    while start + period < cfg.epochs: start += period; period *= cfg.restart_mult
-    return (cfg.epochs - start)/period

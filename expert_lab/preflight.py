@@ -7,16 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import os
-from .config import ConfigError, TrainConfig, did_you_mean, pick_device, project_path, resolve_config
+from .config import ConfigError, TrainConfig, check_device_kind, did_you_mean, pick_device, project_path, resolve_config
 
 # %% auto #0
 __all__ = ['check_names', 'resolve_run', 'expert_ids', 'resolve_experts', 'ensure_data', 'check_devices', 'check_shards',
            'check_run_dir', 'preflight']
 
 # %% ../nbs/05e_preflight.ipynb #8d425f79
-def check_names(cfg:TrainConfig # a fully resolved config
+def check_names(cfg:TrainConfig, # a fully resolved config
+                training:bool=True, # it is about to train here: also check its trackers and device kind (False: a run read back to evaluate)
                ):
-    "Raise a `ConfigError` when the model, dataset or partition is unknown or impossible, or tracking cannot work."
+    "Raise a `ConfigError` when the model, dataset or partition is unknown or impossible; when training, also the trackers and device kind."
     from expert_lab.data import DATASETS
     from expert_lab.experts import PARTITIONS, check_partition
     from expert_lab.models import UnknownModelError, list_models, model_card
@@ -32,7 +33,9 @@ def check_names(cfg:TrainConfig # a fully resolved config
         raise ConfigError(f"partition: {cfg.partition!r} is not one of {', '.join(PARTITIONS)}{did_you_mean(cfg.partition, PARTITIONS)}")
     try: check_partition(cfg.partition, cfg.n_experts, alpha=cfg.dirichlet_alpha, has_coarse=cfg.dataset == "cifar100")
     except ValueError as e: raise ConfigError(f"partition: {e}") from None
+    if not training: return  # a finished run trained on a GPU, with wandb, can still be evaluated on a laptop without either
     check_tracking(cfg)
+    check_device_kind(cfg.device)
 
 def _recipe(model):
     from expert_lab.models import recipe_defaults
@@ -128,6 +131,7 @@ def check_run_dir(cfg:TrainConfig, # the config the run will train with
     from expert_lab.lock import check_free
     run_dir = Path(run_dir)
     if not run_dir.exists(): return
+    if not run_dir.is_dir(): raise ConfigError(f"run_dir: {run_dir} is a file, not a run folder; name a folder (new or a run's)")
     check_free(run_dir)
     if (run_dir/"metrics.json").exists() and (row := read_run(run_dir))["status"] == "damaged":
         raise ConfigError(f"run_dir: {run_dir} is damaged ({row['reason']}); repair the file or choose another folder")

@@ -8,7 +8,7 @@ import datetime as dt, os, platform, secrets, subprocess, sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import TrainConfig, project_root, project_path
+from .config import FIELD_TYPES, ConfigError, TrainConfig, config_from_dict, project_root, project_path
 from .files import read_json, write_json
 
 # %% auto #0
@@ -98,13 +98,26 @@ def finish_record(run_dir:Path, # the run folder
     write_json(run_dir/"metrics.json", rec)
     return rec
 
-def load_run_config(run_dir:Path # a run folder
+def _sources(raw):
+    "Each key's recorded source; 'default' where the record does not say (an older or hand-made config.json)."
+    raw = raw if isinstance(raw, dict) else {}
+    return {k: str(raw.get(k, "default")) for k in FIELD_TYPES}
+
+def load_run_config(run_dir:Path, # a run folder
+                    training:bool=False, # it is about to train again (resume): also check its trackers and device kind
                    )->tuple[TrainConfig, dict]:
-    "The config and sources a run was started with."
-    j = read_json(Path(run_dir)/"config.json")
+    "The config and sources a run was started with, every value checked as a typed one is (`ConfigError` naming the file)."
+    path = Path(run_dir)/"config.json"
+    j = read_json(path)
     if j is None: raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
-    fields = set(TrainConfig.__dataclass_fields__)
-    return TrainConfig(**{k: v for k, v in j["config"].items() if k in fields}), j["sources"]
+    if not isinstance(j, dict) or "config" not in j:
+        raise ConfigError(f'{path}: not a run config (expected a JSON object with a "config" object, got {type(j).__name__}'
+                          f'{" without config" if isinstance(j, dict) else ""})')
+    cfg = config_from_dict(j["config"], str(path))
+    from expert_lab.preflight import check_names  # preflight sits above this module (it imports the model zoo)
+    try: check_names(cfg, training=training)
+    except ConfigError as e: raise ConfigError(f"{path}: {e}") from None
+    return cfg, _sources(j.get("sources"))
 
 # %% ../nbs/06_runs.ipynb #88c10b65
 def _pct(v): return "-" if v is None else f"{100*v:.2f}%"

@@ -17,7 +17,8 @@ CONFIG_ENV = ("MODEL_TYPE", "EXPERT_ID", "EPOCHS", "SLURM_JOB_ID", "SLURM_ARRAY_
 def isolated_env(tmp:Path, **extra)->dict:
     "os.environ without config variables, with settings, runs and data pointed into `tmp`."
     env = {k: v for k, v in os.environ.items() if k not in CONFIG_ENV and not k.startswith("EXPERT_LAB_")}
-    env.update(EXPERT_LAB_SETTINGS=str(tmp/"settings.ini"), EXPERT_LAB_RUNS_DIR=str(tmp/"runs"),
+    # no settings file is no site settings (/dev/null): EXPERT_LAB_SETTINGS naming a missing file is an error
+    env.update(EXPERT_LAB_SETTINGS=str(tmp/"settings.ini") if (tmp/"settings.ini").exists() else os.devnull, EXPERT_LAB_RUNS_DIR=str(tmp/"runs"),
                EXPERT_LAB_DATA_ROOT=str(tmp/"data"), EXPERT_LAB_DEVICE="cpu", MPLBACKEND="Agg")
     return env | extra
 

@@ -21,7 +21,7 @@ _CONFIG_ENV = ("MODEL_TYPE", "EXPERT_ID", "EPOCHS", "SLURM_JOB_ID", "SLURM_ARRAY
 def _env(tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _CONFIG_ENV and not k.startswith(("EXPERT_LAB_", "JUPYTER"))}
     p = tmp/"project"
-    return env | dict(EXPERT_LAB_ROOT=str(p), EXPERT_LAB_SETTINGS=str(p/"settings.ini"), EXPERT_LAB_RUNS_DIR=str(p/"runs"),
+    return env | dict(EXPERT_LAB_ROOT=str(p), EXPERT_LAB_SETTINGS=str(p/"settings.ini") if (p/"settings.ini").exists() else os.devnull, EXPERT_LAB_RUNS_DIR=str(p/"runs"),
                       EXPERT_LAB_DATA_ROOT=str(p/"data"), EXPERT_LAB_DEVICE="cpu", JUPYTER_CONFIG_DIR=str(tmp/"jupyter"),
                       JUPYTER_RUNTIME_DIR=str(tmp/"jupyter"/"runtime"), IPYTHONDIR=str(tmp/"ipython"), MPLBACKEND="Agg")
 

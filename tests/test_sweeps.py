@@ -181,7 +181,7 @@ BAD = {  # name: (changes to the grid, run_sweep options, words the error must c
 def test_bad_input_is_one_line_and_creates_nothing(tmp_path, monkeypatch, name):
     for k in list(os.environ):
         if k in _CONFIG_ENV or k.startswith("EXPERT_LAB_"): monkeypatch.delenv(k)
-    monkeypatch.setenv("EXPERT_LAB_SETTINGS", str(tmp_path/"settings.ini"))
+    monkeypatch.setenv("EXPERT_LAB_SETTINGS", os.devnull)
     change, opts, words = BAD[name]
     args = {k: v for k, v in grid_args(tmp_path, **change).items() if v is not None}
     opts = dict(opts); experts = opts.pop("experts", "0")
@@ -199,7 +199,7 @@ def test_bad_input_exits_2_from_the_command(tmp_path):
 
 
 def test_rerun_with_a_different_grid_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("EXPERT_LAB_SETTINGS", str(tmp_path/"settings.ini"))
+    monkeypatch.setenv("EXPERT_LAB_SETTINGS", os.devnull)
     rec, path = open_sweep(grid_args(tmp_path), "0", "mine")
     path.parent.mkdir(parents=True); write_json(path, rec)  # a recorded sweep (its runs not started)
     with pytest.raises(ConfigError, match=r"sweep mine: this grid differs from the recorded one \(lr=0.05 seed=0 expert 0: "
@@ -211,7 +211,7 @@ def test_rerun_with_a_different_grid_is_refused(tmp_path, monkeypatch):
 
 
 def test_dry_run_prints_the_grid_and_creates_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("EXPERT_LAB_SETTINGS", str(tmp_path/"settings.ini"))
+    monkeypatch.setenv("EXPERT_LAB_SETTINGS", os.devnull)
     assert run_sweep(grid_args(tmp_path, n_experts=2), "all", dry_run=True) == 0
     out = capsys.readouterr().out
     assert "4 point(s) x expert(s) = 8 run(s); 8 to run now (new sweep: nothing created yet)" in out
@@ -227,7 +227,7 @@ def test_dry_run_prints_the_grid_and_creates_nothing(tmp_path, monkeypatch, caps
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_grid_goes_to_slurm_as_one_array(slurm, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("EXPERT_LAB_SETTINGS", str(tmp_path/"settings.ini"))
+    monkeypatch.setenv("EXPERT_LAB_SETTINGS", os.devnull)
     opts = dict(partition="debug", time_min=10, gpus_per_task=0, cpus_per_task=1, mem_gb=1, array_parallelism=2)
     args = grid_args(tmp_path, seed="0", n_experts=2, epochs=1, device="cpu")  # 2 points x 2 experts = 4 tasks
     assert run_sweep(args, "all", executor="slurm", slurm_opts=opts) == 0
