@@ -13,8 +13,9 @@ from .config import TrainConfig
 from .files import atomic_write
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'SAME_RUN', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'strip_compile_prefix',
-           'tested_kind', 'tested_weights', 'check_same_run', 'save_epoch', 'load_resume']
+__all__ = ['CHECKPOINT_FORMAT', 'SAME_RUN', 'IN_BEST', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
+           'strip_compile_prefix', 'tested_kind', 'tested_weights', 'check_same_run', 'best_checkpoint',
+           'finished_state', 'save_epoch', 'load_resume']
 
 # %% ../nbs/05a_checkpoint.ipynb #9654f78c
 CHECKPOINT_FORMAT = "expert-lab-checkpoint/1"
@@ -101,7 +102,10 @@ def tested_kind(blob:dict # a checkpoint (or anything with its `model`, `ema` an
 def tested_weights(blob:dict # a checkpoint (or anything with its `model`, `ema` and `best` entries)
                   )->dict:
     "The state dict the run's test metrics were measured with, without compile prefixes."
-    return strip_compile_prefix(blob["ema"]["module"] if tested_kind(blob) == "ema" else blob["model"])
+    w = blob["ema"]["module"] if tested_kind(blob) == "ema" else blob["model"]
+    if not isinstance(w, dict):  # a finished run's last.pt: the weights are best.pt's, or were not kept
+        raise CheckpointError(f"this checkpoint does not hold its tested weights ({'they are in best.pt' if w == IN_BEST else 'not kept'}): load best.pt")
+    return strip_compile_prefix(w)
 
 # %% ../nbs/05a_checkpoint.ipynb #9d2c1b48
 SAME_RUN = ("model", "dataset", "n_experts", "expert_id", "partition", "dirichlet_alpha", "min_shard_size", "val_size",
@@ -117,21 +121,62 @@ def check_same_run(saved:dict, # a checkpoint, with its `config` dict
                               f"use a new run folder, or pass resume=False to start over (the checkpoints are replaced).")
 
 # %% ../nbs/05a_checkpoint.ipynb #5a84b3e2
+IN_BEST = "best.pt"  # in a finished last.pt: these weights are best.pt's, stored there only
+
+def best_checkpoint(state:dict # a run's `state_dict()` at its best epoch so far
+                   )->dict:
+    "What `best.pt` holds: the tested weights as `model` (so `tested_weights` reads them), and what names them."
+    return dict(model=tested_weights(state), ema=None, best=dict(state["best"]), epoch=state.get("epoch"),
+                config=state.get("config"), weights_only=True)
+
+def _half(sd:dict)->dict:
+    "`sd` with its float32 tensors as float16, where they fit (a batch-norm variance may not)."
+    fits = lambda v: v.dtype == torch.float32 and (v.numel() == 0 or v.abs().max() < 6e4)
+    return {k: v.half() if fits(v) else v for k, v in sd.items()}
+
+def finished_state(state:dict # a finished run's `state_dict()` (its `stop_reason` set), whose best.pt is written
+                  )->dict:
+    "A finished run's `last.pt`: no optimizer state, best.pt's weights stored once, untested final weights in float16."
+    s, b, kind = dict(state, optimizer=None), state["best"], tested_kind(state)  # the scaler state is a few numbers: kept
+    if state["stop_reason"] == "early_stop":  # it never trains again: only best.pt's weights are ever read
+        return dict(s, model=None, ema=None if state["ema"] is None else dict(state["ema"], module=None))
+    def final(which, sd):
+        if which != kind: return _half(sd)
+        if b["val_acc"] is None: return sd  # no validation, no best.pt: these final weights are the tested ones
+        return IN_BEST if b["epoch"] == state["epoch"] else _half(sd)
+    s["model"] = final("raw", state["model"])
+    if state["ema"] is not None: s["ema"] = dict(state["ema"], module=final("ema", state["ema"]["module"]))
+    return s
+
+# %% ../nbs/05a_checkpoint.ipynb #f284ec43
 def save_epoch(state:dict, # a run's `state_dict()`
                ckpt_dir:str|Path, # the run's checkpoints folder
-               best:bool=False, # also make this the run's `best.pt`
+               best:bool=False, # this epoch validated best so far: also write `best.pt`
+               keep_optimizer:bool=True, # False: a finished run's `last.pt` is `finished_state`
               )->Path:
-    "Write `last.pt` (and, when `best`, `best.pt` with the same contents), each atomically."
-    last = save_checkpoint(state, Path(ckpt_dir)/"last.pt")
-    if best: atomic_write(last.with_name("best.pt"), last.read_bytes())
-    return last
+    "Write `best.pt` (when `best`) then `last.pt`, each atomically."
+    ckpt_dir = Path(ckpt_dir)
+    if best: save_checkpoint(best_checkpoint(state), ckpt_dir/"best.pt")
+    slim = state.get("stop_reason") is not None and not keep_optimizer
+    return save_checkpoint(finished_state(state) if slim else state, ckpt_dir/"last.pt")
+
+def _with_best_weights(saved, best_blob, last, bpath):
+    "`saved` with its `IN_BEST` markers replaced by best.pt's weights, checked to be of the right epoch."
+    where = [k for k in ("model", "ema") if (saved[k] if k == "model" else (saved["ema"] or {}).get("module")) == IN_BEST]
+    if not where: return saved
+    if best_blob is None or best_blob["epoch"] != saved["best"]["epoch"]:
+        why = "missing" if best_blob is None else f"of epoch {best_blob['epoch']}, not {saved['best']['epoch']}"
+        raise CheckpointError(f"{last} keeps its final weights in {bpath}, which is {why}: the run cannot go on from it; "
+                              f"train it again in a new folder (or with resume=False)")
+    w = tested_weights(best_blob)
+    return dict(saved, model=w) if where == ["model"] else dict(saved, ema=dict(saved["ema"], module=w))
 
 def load_resume(ckpt_dir:str|Path, # the run's checkpoints folder, holding last.pt
                 cfg:TrainConfig, # the run that resumes
                )->tuple: # (the last.pt checkpoint, the best weights so far or None)
     "The checkpoint to continue from and the best weights so far, checked before any compute."
-    ckpt_dir = Path(ckpt_dir)
-    saved = load_checkpoint(ckpt_dir/"last.pt")
-    check_same_run(saved, cfg, ckpt_dir/"last.pt")
-    has_best = saved["best"]["val_acc"] is not None and (ckpt_dir/"best.pt").exists()
-    return saved, tested_weights(load_checkpoint(ckpt_dir/"best.pt")) if has_best else None
+    ckpt_dir = Path(ckpt_dir); last, bpath = ckpt_dir/"last.pt", ckpt_dir/"best.pt"
+    saved = load_checkpoint(last)
+    check_same_run(saved, cfg, last)
+    blob = load_checkpoint(bpath) if saved["best"]["val_acc"] is not None and bpath.exists() else None
+    return _with_best_weights(saved, blob, last, bpath), None if blob is None else tested_weights(blob)

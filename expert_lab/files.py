@@ -4,11 +4,12 @@
 
 # %% ../nbs/00a_files.ipynb #eb4a99e5
 from __future__ import annotations
-import csv, io, json, os
+import csv, errno, io, json, os, shutil
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['atomic_write', 'DamagedFile', 'write_json', 'read_json', 'write_csv', 'format_table']
+__all__ = ['DISK_ERRNOS', 'atomic_write', 'DiskError', 'disk_error', 'DamagedFile', 'write_json', 'read_json', 'write_csv',
+           'format_table']
 
 # %% ../nbs/00a_files.ipynb #aa6723ba
 def _fsync_dir(d:Path):
@@ -19,18 +20,57 @@ def _fsync_dir(d:Path):
     except OSError: pass
     finally: os.close(fd)
 
+def _remove(p:Path):
+    try: p.unlink()
+    except OSError: pass  # never there (open failed) or already renamed: nothing to give back
+
 def atomic_write(path:str|Path, # destination; its folder must exist
                  data:bytes|str, # the whole new content
                 )->Path:
     "Replace `path` with `data` so that readers see the old file or the new one, never a mix; durable on return."
-    path = Path(path)
+    path, data = Path(path), data.encode() if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # any failure, Ctrl-C included: a half-written temporary would keep the space it took
+        _remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, DiskError) and e.errno in DISK_ERRNOS:
+            raise disk_error(e, path, len(data)) from e
+        raise
     _fsync_dir(path.parent)
     return path
+
+# %% ../nbs/00a_files.ipynb #b63a1fe1
+DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EIO: "input/output error", errno.EROFS: "read-only file system"}
+
+class DiskError(OSError):
+    "A write the disk refused (full, over quota, failing, read-only); `errno` is the original one, the message one line."
+    def __init__(self, code:int, message:str, path:Path, needed:int, free:int|None, mount:str):
+        super().__init__(code, message)
+        self.path, self.needed, self.free, self.mount = path, needed, free, mount
+    def __str__(self): return self.strerror
+
+def _mount(p:Path)->Path:
+    "The mount point holding `p`."
+    p = Path(os.path.abspath(p))
+    while not os.path.ismount(p): p = p.parent
+    return p
+
+def _mb(n:int)->str: return f"{n/1e3:.0f} kB" if n < 1e6 else f"{n/1e6:.{1 if n >= 1e7 else 2}f} MB"  # digits enough to compare
+
+def disk_error(e:OSError, # what the write raised (errno ENOSPC, EDQUOT, EIO or EROFS)
+               path:str|Path, # the file being written
+               needed:int, # its size in bytes
+              )->DiskError:
+    "A `DiskError` naming `path`, the bytes it needed and the space free on its file system."
+    path, mount = Path(path), _mount(Path(path).parent)
+    try: free = shutil.disk_usage(mount).free
+    except OSError: free = None
+    room = f"needs ~{_mb(needed)}, " + (f"{_mb(free)} free on {mount}" if free is not None else f"free space on {mount} unknown")
+    return DiskError(e.errno, f"{DISK_ERRNOS.get(e.errno, e.strerror)} writing {path} ({room})", path, needed, free, str(mount))
 
 # %% ../nbs/00a_files.ipynb #ca24f7b5
 class DamagedFile(OSError):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #8af2f204
 from __future__ import annotations
-import signal, threading, time
+import errno, signal, threading, time
 from dataclasses import dataclass, field, asdict
 from itertools import islice
 from pathlib import Path
@@ -19,7 +19,8 @@ from .data import DeviceLoader
 from .experts import ExpertData, check_batch_fits, prepare_expert_data
 from .augment import TrainAugment, soft_targets, mix_batch
 from .models import create_model
-from .checkpoint import CheckpointError, load_resume, save_epoch, strip_compile_prefix, tested_kind, tested_weights
+from .checkpoint import CheckpointError, load_checkpoint, load_resume, save_epoch, strip_compile_prefix, tested_kind, tested_weights
+from .files import DiskError
 from .recipe import EMA, amp_dtype, autocast_for, determinism, lr_factor, make_optimizer, make_scheduler, soft_cross_entropy
 from .progress import Progress, progress_mode
 from .evaluation import evaluate, eval_loader
@@ -81,14 +82,17 @@ class TrainState:
         if sd.get("teachers") != (now := None if self.teacher is None else self.teacher.run_dirs):
             raise CheckpointError(f"the checkpoint learned from {sd.get('teachers') or 'the labels only'}, this run from {now or 'the labels only'}: "
                                   f"a run resumes with the teachers it started with (use a new run folder to change them)")
-        self.model.load_state_dict(strip_compile_prefix(sd["model"]))
-        flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.opt.param_groups]
-        self.opt.load_state_dict(sd["optimizer"])
-        for g, f in zip(self.opt.param_groups, flags): g.update(f)  # this device's kernels, not the saving one's
+        if sd["model"] is not None:  # None: an early-stopped run's final weights, not kept (it never trains again)
+            self.model.load_state_dict(strip_compile_prefix(sd["model"]))
+        if sd["optimizer"] is not None:  # None: a finished run that did not keep it (`keep_optimizer`): fresh momentum
+            flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.opt.param_groups]
+            self.opt.load_state_dict(sd["optimizer"])
+            for g, f in zip(self.opt.param_groups, flags): g.update(f)  # this device's kernels, not the saving one's
         self.sched.load_state_dict(sd["scheduler"])
         if sd["scaler"] and self.scaler.is_enabled(): self.scaler.load_state_dict(sd["scaler"])
         if self.ema is not None:
-            if sd["ema"]: self.ema.load_state_dict(sd["ema"])
+            if sd["ema"] and sd["ema"]["module"] is not None: self.ema.load_state_dict(sd["ema"])
+            elif sd["ema"]: pass  # an early stop's final average, not kept: the run is only evaluated again
             else: self.ema = EMA(self.model, self.cfg.ema_decay)  # EMA switched on at resume: start it from here
         rng = sd["rng"]
         torch.set_rng_state(rng["torch"])
@@ -238,8 +242,8 @@ def _summary(rec, st):
             f"{f('val_loss')}  val_acc {f('val_acc')}{ema}  lr {rec['lr']:.5f}  {rec['seconds']:.1f}s  {rec['images_per_sec']:.0f} img/s{early}")
 
 def _save(st, ckpt_dir, best=False):
-    "Write the run's `last.pt` (and `best.pt`), unless it keeps nothing on disk."
-    if ckpt_dir is not None: save_epoch(st.state_dict(), ckpt_dir, best)
+    "Write the run's `best.pt` (when `best`) and `last.pt`, unless it keeps nothing on disk."
+    if ckpt_dir is not None: save_epoch(st.state_dict(), ckpt_dir, best, keep_optimizer=st.cfg.keep_optimizer)
 
 # %% ../nbs/05_train.ipynb #44568d20
 @dataclass(frozen=True)
@@ -260,6 +264,18 @@ def _out_of_memory(st, out)->Outcome:
     "A failed outcome naming the batch size and a smaller one; the allocator's cache is given back."
     if st.device.type == "cuda": torch.cuda.empty_cache()
     return _ended(out, "failed", "error", _oom_message(st.cfg, st.device))
+
+def _saved_epoch(ckpt_dir)->str:
+    "Which epoch the run folder's `last.pt` holds, in words."
+    try: ck = load_checkpoint(ckpt_dir/"last.pt")
+    except CheckpointError: return "no checkpoint was saved yet"
+    return f"checkpoints/last.pt of epoch {ck['epoch']}" + (f" (step {ck['step']} of the next)" if ck["step"] else "") + " is intact"
+
+def _disk_message(e, ckpt_dir, run_dir)->str:
+    "One line: what the disk refused, which checkpoint survives, and how to go on."
+    fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make the disk writable"
+    go_on = f"expert-lab resume {run_dir}" if run_dir is not None else "run it again"
+    return f"{e}; {_saved_epoch(ckpt_dir) if ckpt_dir else 'nothing was saved'}; {fix}, then: {go_on}"
 
 def _stopped_message(st, stop, ckpt_dir):
     return (f"{stop.signame}: stopped in epoch {st.epoch + 1} after step {st.step}; "
@@ -312,7 +328,7 @@ def _call(hooks, name, *args):
     for h in hooks:
         if (f := getattr(h, name, None)) is not None: f(*args)
 
-# %% ../nbs/05_train.ipynb #6589f574
+# %% ../nbs/05_train.ipynb #8a8f90e5
 def _start_lines(st, data, val):
     cfg = st.cfg
     yield (f"training {cfg.model} on {cfg.dataset}, expert {cfg.expert_id} of {cfg.n_experts} ({cfg.partition}): "
@@ -334,11 +350,15 @@ def _restore(st, saved, best, ckpt_dir, out):
     if st.stop_reason == "epochs_done" and st.epoch < st.cfg.epochs: st.stop_reason = None
     out.write(f"resumed from {ckpt_dir/'last.pt'} after epoch {st.epoch}" + (f", step {st.step}" if st.step else "")
               + (f"; the run had already finished ({st.stop_reason})" if st.stop_reason else ""))
+    if st.stop_reason is None and saved["optimizer"] is None:
+        half = " (kept in float16)" if any(v.dtype == torch.float16 for v in saved["model"].values()) else ""
+        out.write(f"warning: {ckpt_dir/'last.pt'} holds no optimizer state (keep_optimizer was off when the run finished): "
+                  f"continuing from epoch {st.epoch}'s weights{half} with a fresh SGD momentum")
     if st.best_val_acc is not None and best is None:
         out.write(f"warning: {ckpt_dir/'best.pt'} is missing: unless a later epoch validates better, the test set "
                   f"will be evaluated with the final weights, not those of epoch {st.best_epoch}")
 
-# %% ../nbs/05_train.ipynb #c9e09730
+# %% ../nbs/05_train.ipynb #f65829e9
 def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
           run_dir:str|Path|None=None, # run folder: checkpoints go to run_dir/checkpoints; None keeps nothing on disk
           hooks:Sequence=(), # objects with optional `on_epoch_end(record, state)` and `on_train_end(result)`
@@ -381,6 +401,8 @@ def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
         except KeyboardInterrupt:  # raised, not signalled (e.g. from a hook): a half-done step is never saved
             outcome = _ended(out, "interrupted", "interrupt", _interrupted_message(ckpt_dir), signal=stop.signame)
         except torch.OutOfMemoryError: outcome = _out_of_memory(st, out)
+        except DiskError as e:  # the failed file is gone again, so the small records of the failure still fit
+            outcome = _ended(out, "failed", "error", _disk_message(e, ckpt_dir, run_dir))
         except Exception as e: outcome, raised = Outcome("failed", "error", f"{type(e).__name__}: {e}"), e
         finally: out.close()
         outcome = outcome or Outcome("completed", st.stop_reason or "epochs_done")

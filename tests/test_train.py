@@ -175,7 +175,7 @@ def test_run_records_every_field_and_writes_checkpoints(tiny, tmp_path, capsys):
 
 
 def test_resume_continues_exactly(tiny, tmp_path):
-    cfg = tiny(ema=True)
+    cfg = tiny(ema=True, keep_optimizer=True)  # the first part finishes; exact continuation needs its optimizer state
     ref = train(cfg, progress="none")
     first = train(replace(cfg, epochs=2), run_dir=tmp_path, progress="none")
     assert first.metrics["epochs_done"] == 2
@@ -203,7 +203,7 @@ def test_corrupt_last_checkpoint_is_refused_before_any_compute(tiny, tmp_path):
 
 def test_checkpoint_with_compile_prefix_resumes_uncompiled(tiny, tmp_path):
     cfg = tiny(epochs=2)
-    train(replace(cfg, epochs=1), run_dir=tmp_path, progress="none")
+    train(replace(cfg, epochs=1, keep_optimizer=True), run_dir=tmp_path, progress="none")
     last = tmp_path/"checkpoints"/"last.pt"
     ck = load_checkpoint(last)
     ck["model"] = {f"_orig_mod.{k}": v for k, v in ck["model"].items()}  # as a compiled module's state_dict names them
