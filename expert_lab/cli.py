@@ -13,8 +13,8 @@ from .config import FIELD_TYPES, ConfigError, TrainConfig, check_key, config_tab
 
 # %% auto #0
 __all__ = ['UsageError', 'add_config_flags', 'config_args', 'cmd_config', 'cmd_models', 'check_train', 'train_one', 'train_local',
-           'cmd_train', 'cmd_runs', 'cmd_resume', 'cmd_compare', 'cmd_ensemble', 'cmd_distill', 'cmd_lab',
-           'build_parser', 'main']
+           'cmd_train', 'cmd_runs', 'nothing_to_train', 'cmd_resume', 'cmd_compare', 'cmd_ensemble', 'cmd_distill',
+           'cmd_lab', 'build_parser', 'main']
 
 # %% ../nbs/08_cli.ipynb #6dace284
 class UsageError(Exception):
@@ -74,12 +74,14 @@ _SAY = threading.Lock()  # experts training side by side print whole lines, neve
 def _say(line):
     with _SAY: print(line, flush=True)
 
+def _acc(v): return float("nan") if v is None else v  # an accuracy of exactly 0 is 0.0000, not a missing value
+
 def _outcome_line(rec:dict, # a run's final metrics.json record (with run_dir)
                  )->str:
     "The one line that ends an expert's output."
     d, k = Path(rec["run_dir"]), rec.get("expert_id")
     if rec.get("status") == "completed":
-        return f"expert {k}: test accuracy {rec.get('test_acc') or float('nan'):.4f} (top-5 {rec.get('test_top5') or float('nan'):.4f})  report {d/'report.html'}"
+        return f"expert {k}: test accuracy {_acc(rec.get('test_acc')):.4f} (top-5 {_acc(rec.get('test_top5')):.4f})  report {d/'report.html'}"
     if rec.get("status") == "interrupted":
         from expert_lab.catalog import read_run
         at = rec.get("stopped_at")  # a stop by signal saved there; otherwise the last epoch saved, as `runs` shows it
@@ -177,8 +179,20 @@ def cmd_runs(ns):
         for r in rows: r["slurm_state"] = states.get(str(r.get("slurm_job")))
     print(format_runs(rows))
 
+def nothing_to_train(run_dir:Path, # a run folder
+                     cfg:TrainConfig, # the config it was trained with
+                    )->str|None:
+    "The one line saying a completed run has no epoch left to train (it reached `epochs` or stopped early), else None."
+    from expert_lab.files import read_json
+    rec = read_json(run_dir/"metrics.json", {})
+    if rec.get("status") != "completed": return None
+    done, why = rec.get("epochs_done") or 0, rec.get("stop_reason") or "epochs_done"
+    if why != "early_stop" and done < cfg.epochs: return None  # config.json asks for more epochs than were trained
+    return (f"expert {cfg.expert_id}: nothing to train: the run completed after {done} of {cfg.epochs} epochs ({why}), "
+            f"test accuracy {_acc(rec.get('test_acc')):.4f}; nothing was changed in {run_dir}")
+
 def cmd_resume(ns):
-    "Continue an interrupted run in its own folder."
+    "Continue an interrupted run in its own folder; a completed one is left exactly as it is."
     from expert_lab.execute import forward_signals
     from expert_lab.preflight import check_run_dir, ensure_data, preflight
     from expert_lab.runs import load_run_config
@@ -187,6 +201,7 @@ def cmd_resume(ns):
     check_run_dir(None, run_dir, resume=False)  # held or damaged: say so before reading its config
     try: cfg, src = load_run_config(run_dir)
     except (OSError, KeyError, TypeError) as e: raise ConfigError(f"run_dir: {run_dir}/config.json cannot be used ({e})") from None
+    if line := nothing_to_train(run_dir, cfg): print(line); return 0  # before anything could move, re-evaluate or rewrite
     ensure_data(cfg)
     preflight([cfg], run_dir=run_dir)
     with forward_signals() as fw: rec = train_one(cfg, src, run_dir)
@@ -209,7 +224,7 @@ def cmd_compare(ns):
 def cmd_ensemble(ns):
     "Execute the ensemble notebook for one model and partition, after checking its experts can be combined."
     from expert_lab.catalog import list_runs
-    from expert_lab.ensemble import check_experts, latest_completed, runs_frame
+    from expert_lab.ensemble import check_experts, ensemble_warnings, group_size, latest_completed, runs_frame
     from expert_lab.execute import report_notebook
     rows = list_runs(model=ns.model, partition=ns.partition)
     _warn_damaged(rows)
@@ -221,6 +236,7 @@ def cmd_ensemble(ns):
         experts = latest_completed(runs_frame(None, ns.model, ns.partition, "completed"), ns.n_experts or 0)
     try: check_experts(list(experts.path))
     except ValueError as e: raise ConfigError(f"ensemble: {e}") from None
+    for w in ensemble_warnings(list(experts.path), group_size(experts)): print(f"expert-lab: warning: {w}", file=sys.stderr)
     print(report_notebook("ensemble", dict(model=ns.model, partition=ns.partition, n_experts=ns.n_experts or 0)))
 
 _NOT_FLAGS = ("model", "partition", "expert_id", "n_experts", "distill_from")  # `distill` spells these its own way

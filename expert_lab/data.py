@@ -269,8 +269,10 @@ def _class_files(split_dir):
     return out
 
 def _folder_classes(root):
-    "Train and test file lists, checking that every test class is a training class."
+    "Train and test file lists, checking that there are two classes or more and every test class is a training class."
     train, test = _class_files(Path(root)/'train'), _class_files(Path(root)/'test')
+    if len(train) < 2: raise DatasetError(f'{Path(root)/"train"} has one class folder ({next(iter(train))}): a classifier needs '
+                                          f'two classes or more; put each class\'s images in a folder of its own.')
     if extra := sorted(set(test) - set(train)): raise DatasetError(f'{Path(root)/"test"} has classes that {Path(root)/"train"} lacks: {", ".join(extra)}.')
     return train, test
 

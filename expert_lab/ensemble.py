@@ -20,7 +20,7 @@ __all__ = ['RUN_COLUMNS', 'MIN_GATE_IMAGES', 'runs_frame', 'latest_completed', '
            'predict_probs', 'load_expert', 'check_experts', 'heldout_indices', 'ExpertOutputs', 'experts_outputs',
            'experts_probs', 'accuracy', 'combine_mean', 'combine_routed', 'expert_classes', 'routing_accuracy',
            'gate_features', 'Gate', 'combine_gated', 'split_heldout', 'gate_loss', 'fit_gate', 'class_weights',
-           'accuracy_vs_n']
+           'accuracy_vs_n', 'ensemble_warnings']
 
 # %% ../nbs/06b_ensemble.ipynb #24a91531
 RUN_COLUMNS = ("run", "model", "partition", "expert", "status", "best_val_acc", "test_acc", "epochs", "duration_s",
@@ -377,3 +377,23 @@ def accuracy_vs_n(probs:torch.Tensor, # [experts, N, classes]
             rows += [dict(n_experts=k, experts=",".join(map(str, s)), method="mean", acc=accuracy(combine_mean(p), y)),
                      dict(n_experts=k, experts=",".join(map(str, s)), method="routed", acc=accuracy(combine_routed(p)[0], y))]
     return pd.DataFrame(rows, columns=["n_experts", "experts", "method", "acc"])
+
+# %% ../nbs/06b_ensemble.ipynb #e5eaf95c
+def ensemble_warnings(run_dirs:list, # run folders of the experts combined, e.g. `latest_completed(...).path`
+                      n_experts:int, # experts in the group (`group_size`)
+                     )->list:
+    "One line for each reason the ensemble says less than a whole, one-seed group would: missing experts, mixed seeds, no gate."
+    from expert_lab.runs import load_run_config
+    cfgs = {d: load_run_config(Path(d))[0] for d in run_dirs}
+    out = []
+    if missing := sorted(set(range(n_experts)) - {c.expert_id for c in cfgs.values()}):
+        out.append(f"only {len(cfgs)} of {n_experts} experts have a completed run (missing: expert {', '.join(map(str, missing))}); "
+                   f"the ensemble combines those {len(cfgs)}")
+    try: held = len(heldout_indices(run_dirs)) if run_dirs else 0
+    except (FileNotFoundError, KeyError, TypeError): held = None  # no partition.json: the report says so where it needs one
+    if len({c.seed for c in cfgs.values()}) > 1:
+        seeds = _differ("seeds", {d: f"seed {c.seed}" for d, c in cfgs.items()}).removesuffix("; an ensemble needs one")
+        out.append(f"{seeds}: their partitions differ, so only {held} validation images are held out from all of them")
+    if held is not None and held < MIN_GATE_IMAGES:
+        out.append(f"no learned gate: the experts share {held} held-out validation images (at least {MIN_GATE_IMAGES} are needed)")
+    return out

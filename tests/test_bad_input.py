@@ -2,8 +2,9 @@
 file anywhere under runs/ or data/. Datasets, values, devices, checkpoints, flags, settings and environment.
 
 The cases run `expert_lab.cli.main` in this process (each in a fresh project folder with its own settings, runs and
-data), so 35 refusals take seconds: none of them may reach a kernel."""
-import argparse, json, shutil
+data), so a hundred refusals take seconds: none of them may reach a kernel. The read-back cases give the same values through
+settings files, the environment and a resumed run's edited config.json: each is refused as if it had been typed."""
+import argparse, json, os, shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -99,21 +100,92 @@ CASES = {
     "seed env zero epochs": (DIGITS, None, {"EPOCHS": "0"}, "epochs"),
 }
 
+# every float key, NaN and both infinities: `nan <= 0` is False, so a range check alone lets them through
+_FLOATS = [k for k, t in __import__("expert_lab.config", fromlist=["FIELD_TYPES"]).FIELD_TYPES.items() if t is float]
+CASES |= {f"{k} {v}": (DIGITS + [f"--{k.replace('_', '-')}", v], None, {}, k) for k in _FLOATS for v in ("nan", "inf", "-inf")}
+
 
 def _files(root):
-    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    "Every file under `root` with its bytes' hash and modification time: what a refusal must leave as it was."
+    import hashlib
+    return {p: (p.stat().st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest()) for p in root.rglob("*") if p.is_file()}
+
+
+# --- values read back: settings files, the environment, a resumed run's config.json, folders --------------------------
+
+DONE = "runs/wideresnet10_1/iid-2/expert-0/done"  # a completed run's folder, as `_completed` makes it
+
+
+def _completed(edit=None):
+    "A completed run folder (`DONE`) whose config.json `edit` changes, as a user's editor might."
+    def setup(p):
+        from test_catalog import make_run
+        d = make_run(p/"runs", stamp="done")
+        j = json.loads((d/"config.json").read_text())
+        if edit: edit(j["config"])
+        (d/"config.json").write_text(json.dumps(j) if edit != "garbage" else "{not json")
+    return setup
+
+
+def _bytes(name, data): return lambda p: (p/name).write_bytes(data)
+
+# id: (full arguments, setup, environment, text the line must contain)
+READ_BACK = {
+    # settings files
+    "settings not utf-8": (["train", *DIGITS], _bytes("settings.ini", "[tracking]\nwandb_project = caf\xe9\n".encode("latin-1")), {}, "line 2"),
+    "settings unknown section": (["train", *DIGITS], _settings("[trainig]\nepochs = 3\n"), {}, "trainig"),
+    "settings unknown key names the file": (["config"], _settings("[training]\nlearning_rate = 0.1\n"), {}, "settings.ini"),
+    "settings lr nan": (["train", *DIGITS], _settings("[training]\nlr = nan\n"), {}, "lr"),
+    "settings weight decay inf": (["config"], _settings("[training]\nweight_decay = inf\n"), {}, "weight_decay"),
+    "settings file missing": (["config"], None, {"EXPERT_LAB_SETTINGS": "/nonexistent/site.ini"}, "/nonexistent/site.ini"),
+    "settings file is a folder": (["runs"], None, {"EXPERT_LAB_SETTINGS": "/tmp"}, "/tmp"),
+    # environment
+    "env lr nan": (["train", *DIGITS], None, {"EXPERT_LAB_LR": "nan"}, "EXPERT_LAB_LR"),
+    "env momentum inf": (["config"], None, {"EXPERT_LAB_MOMENTUM": "inf"}, "EXPERT_LAB_MOMENTUM"),
+    "env device mps": (["train", *DIGITS], None, {"EXPERT_LAB_DEVICE": "mps"}, "mps"),
+    # flags that name places and devices
+    "device mps": (["train", *DIGITS, "--device", "mps"], None, {}, "mps"),
+    "device mps in config": (["config", "--device", "mps"], None, {}, "mps"),
+    "empty runs dir": (["train", *DIGITS, "--runs-dir", ""], None, {}, "runs_dir"),
+    "empty data root": (["train", *DIGITS, "--data-root", ""], None, {}, "data_root"),
+    # a resumed run's config.json, edited
+    "resume lr -1": (["resume", DONE], _completed(lambda c: c.update(lr=-1)), {}, "lr"),
+    "resume epochs text": (["resume", DONE], _completed(lambda c: c.update(epochs="abc")), {}, "epochs"),
+    "resume lr nan": (["resume", DONE], _completed(lambda c: c.update(lr=float("nan"))), {}, "lr"),
+    "resume unknown model": (["resume", DONE], _completed(lambda c: c.update(model="resnet19")), {}, "resnet19"),
+    "resume unknown scheduler": (["resume", DONE], _completed(lambda c: c.update(scheduler="step")), {}, "scheduler"),
+    "resume device mps": (["resume", DONE], _completed(lambda c: c.update(device="mps")), {}, "mps"),
+    "resume config a list": (["resume", DONE], lambda p: (_completed()(p), (p/DONE/"config.json").write_text("[]")), {}, "config.json"),
+    "resume config not json": (["resume", DONE], lambda p: (_completed()(p), (p/DONE/"config.json").write_text("{")), {}, "config.json"),
+    # folders
+    "run dir is a file": (["train", *DIGITS, "--expert-id", "0", "--run-dir", "settings.ini"], _settings("[training]\n"), {}, "run_dir"),
+    "one-class folder dataset": (["train", "--dataset", "folder", "--expert-id", "0", "--n-experts", "1"],
+                                 lambda p: (_folder_dataset(p), shutil.rmtree(p/"data"/"train"/"dog"), shutil.rmtree(p/"data"/"test"/"dog")), {}, "class"),
+}
 
 
 @pytest.mark.parametrize("args,setup,env,says", CASES.values(), ids=CASES.keys())
 def test_refused_before_any_work(tmp_path, monkeypatch, capsys, args, setup, env, says):
+    _refused(tmp_path, monkeypatch, capsys, ["train", *args], setup, env, says)
+
+
+@pytest.mark.parametrize("args,setup,env,says", READ_BACK.values(), ids=READ_BACK.keys())
+def test_read_back_refused_like_typed(tmp_path, monkeypatch, capsys, args, setup, env, says):
+    _refused(tmp_path, monkeypatch, capsys, args, setup, env, says)
+
+
+def _refused(tmp_path, monkeypatch, capsys, args, setup, env, says):
+    "`expert-lab ARGS` in a fresh project: exit 2, at most two lines naming `says`, no traceback, every file as it was."
     p = tmp_path/"project"; p.mkdir()
-    for k in list(__import__("os").environ):
+    for k in list(os.environ):
         if k in CONFIG_ENV or k.startswith("EXPERT_LAB_"): monkeypatch.delenv(k)
-    for k, v in dict(EXPERT_LAB_ROOT=str(p), EXPERT_LAB_SETTINGS=str(p/"settings.ini"), EXPERT_LAB_RUNS_DIR=str(p/"runs"),
-                     EXPERT_LAB_DATA_ROOT=str(p/"data"), **env).items(): monkeypatch.setenv(k, v)
     if setup: setup(p)
+    settings = str(p/"settings.ini") if (p/"settings.ini").exists() else os.devnull
+    for k, v in (dict(EXPERT_LAB_ROOT=str(p), EXPERT_LAB_SETTINGS=settings, EXPERT_LAB_RUNS_DIR=str(p/"runs"),
+                      EXPERT_LAB_DATA_ROOT=str(p/"data")) | env).items(): monkeypatch.setenv(k, v)
     before = _files(p)
-    rc = main(["train", *(a.replace(RUN, str(p/RUN)) for a in args)])
+    monkeypatch.chdir(p)  # relative folders (`--run-dir settings.ini`) are the project's
+    rc = main([a.replace(RUN, str(p/RUN)).replace(DONE, str(p/DONE)) for a in args])
     out, err = capsys.readouterr()
     lines = (out + err).splitlines()
     assert rc == 2, out + err
