@@ -4,18 +4,18 @@
 
 # %% ../nbs/05a_checkpoint.ipynb #baa535b1
 from __future__ import annotations
-import io, re, zlib
+import errno, io, re, zlib
 from pathlib import Path
 
 import torch
 
 from .config import TrainConfig
-from .files import atomic_write
+from .files import DiskError, atomic_write
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'SAME_RUN', 'IN_BEST', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
            'strip_compile_prefix', 'tested_kind', 'tested_weights', 'check_same_run', 'best_checkpoint',
-           'finished_state', 'save_epoch', 'load_resume']
+           'finished_state', 'save_epoch', 'load_resume', 'disk_failure_line']
 
 # %% ../nbs/05a_checkpoint.ipynb #9654f78c
 CHECKPOINT_FORMAT = "expert-lab-checkpoint/1"
@@ -180,3 +180,19 @@ def load_resume(ckpt_dir:str|Path, # the run's checkpoints folder, holding last.
     check_same_run(saved, cfg, last)
     blob = load_checkpoint(bpath) if saved["best"]["val_acc"] is not None and bpath.exists() else None
     return _with_best_weights(saved, blob, last, bpath), None if blob is None else tested_weights(blob)
+
+# %% ../nbs/05a_checkpoint.ipynb #61ffa2e2
+def _saved_epoch(ckpt_dir:Path)->str:
+    "Which epoch the run folder's `last.pt` holds, in words."
+    try: ck = load_checkpoint(ckpt_dir/"last.pt")
+    except CheckpointError: return "no checkpoint was saved yet"
+    return f"checkpoints/last.pt of epoch {ck['epoch']}" + (f" (step {ck['step']} of the next)" if ck.get("step") else "") + " is intact"
+
+def disk_failure_line(e:DiskError, # what the disk refused
+                      ckpt_dir:Path|None, # the run's checkpoints folder; None when the run keeps nothing on disk
+                      run_dir:Path|None, # the run folder, for the resume command
+                     )->str:
+    "One line: what the disk refused, which checkpoint survives, and how to go on."
+    fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make the disk writable"
+    go_on = f"expert-lab resume {run_dir}" if run_dir is not None else "run it again"
+    return f"{e}; {_saved_epoch(ckpt_dir) if ckpt_dir else 'nothing was saved'}; {fix}, then: {go_on}"

@@ -88,7 +88,8 @@ def _outcome_line(rec:dict, # a run's final metrics.json record (with run_dir)
         where = f"in epoch {at['epoch']} after step {at['step']}" if at else f"after epoch {read_run(d).get('epochs') or 0}"
         by = f" by {rec['stop_signal']}" if rec.get("stop_signal") else ""
         return f"expert {k}: stopped{by} {where} (checkpoints/last.pt saved there); resume with: expert-lab resume {d}"
-    return f"expert {k}: failed: {rec.get('error') or rec.get('status')}  report {d/'report.html'}"
+    report = f"  report {d/'report.html'}" if (d/"report.html").exists() else ""  # a full disk may have kept it from being written
+    return f"expert {k}: failed: {rec.get('error') or rec.get('status')}{report}"
 
 def train_one(cfg:TrainConfig, # checked config
               sources:dict, # where each value came from
@@ -199,7 +200,7 @@ def cmd_resume(ns):
     run_dir = Path(ns.run_dir).resolve()
     if not (run_dir/"config.json").exists(): raise ConfigError(f"run_dir: {run_dir} is not a run folder (no config.json)")
     check_run_dir(None, run_dir, resume=False)  # held or damaged: say so before reading its config
-    try: cfg, src = load_run_config(run_dir)
+    try: cfg, src = load_run_config(run_dir, training=True)  # its device and trackers too: they will train
     except (OSError, KeyError, TypeError) as e: raise ConfigError(f"run_dir: {run_dir}/config.json cannot be used ({e})") from None
     if line := nothing_to_train(run_dir, cfg): print(line); return 0  # before anything could move, re-evaluate or rewrite
     ensure_data(cfg)

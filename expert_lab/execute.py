@@ -4,22 +4,17 @@
 
 # %% ../nbs/06f_execute.ipynb #2c647aec
 from __future__ import annotations
-import datetime as dt, inspect, json, logging, os, shutil, signal, sys, tempfile, threading, weakref
-from contextlib import contextmanager, redirect_stdout
+import json, logging, os, shutil, signal, sys, tempfile, threading, weakref
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import (FIELD_TYPES, KERNEL_NAME, SOURCES, ConfigError, TrainConfig, check_key, check_ranges, coerce,
-                               explicit_args, project_root, resolve_config, schedule_warning)
-from .files import atomic_write, read_json, write_csv, write_json
-from .runs import (HISTORY_COLUMNS, RunFailed, finish_record, new_run_dir, record_provenance, run_summary,
-                             start_record)
+from .config import KERNEL_NAME, TrainConfig, project_root, resolve_config
+from .files import DiskError, atomic_write, read_json
+from .runs import RunFailed, finish_record, new_run_dir, run_summary, start_record
 
 # %% auto #0
-__all__ = ['INTERNAL_PARAMETERS', 'SMOKE', 'write_html', 'write_summary', 'forward_signals', 'Console', 'console_tee', 'runbook',
-           'execute_notebook', 'error_line', 'dead_kernel_record', 'earlier_duration', 'run_expert',
-           'unknown_parameters', 'check_internal', 'read_config_json', 'one_line_errors', 'check_parameters',
-           'open_notebook_run', 'HoldFolder', 'HistoryCSV', 'recording', 'report_notebook']
+__all__ = ['write_html', 'write_summary', 'forward_signals', 'Console', 'runbook', 'execute_notebook', 'error_line',
+           'dead_kernel_record', 'run_expert', 'report_notebook']
 
 # %% ../nbs/06f_execute.ipynb #07263488
 sys.modules.setdefault("rfc3987_syntax", None)  # `import rfc3987_syntax` now raises ImportError, which jsonschema expects
@@ -142,34 +137,6 @@ class Console:
     def close(self):
         os.write(self.fd, _END.encode()); self.thread.join(); os.close(self.fd)
 
-class _Tee:
-    "A text stream that writes to `main` and, while it can, to `copy`."
-    def __init__(self, main, copy): self.main, self.copy = main, copy
-    def write(self, s):
-        n = self.main.write(s)
-        if self.copy is not None:
-            try: self.copy.write(s); self.copy.flush()
-            except OSError: self.copy = None  # the parent went away: the report still gets everything
-        return n
-    def flush(self): self.main.flush()
-    def isatty(self): return False
-    def __getattr__(self, name): return getattr(self.main, name)
-
-@contextmanager
-def console_tee(path:str|Path|None # the parent's pipe; None or "" copies nothing
-               ):
-    "Inside the kernel: copy everything printed to stdout to the parent's pipe as well."
-    if not path: yield; return
-    try: fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # fails at once (no block) when nobody reads any more
-    except OSError: yield; return
-    os.set_blocking(fd, True)
-    pipe = open(fd, "w", buffering=1)
-    try:
-        with redirect_stdout(_Tee(sys.stdout, pipe)): yield
-    finally:
-        try: pipe.close()
-        except OSError: pass  # the parent went away: what it missed is in the report; the run's own outcome stands
-
 # %% ../nbs/06f_execute.ipynb #99d5827b
 def runbook(name:str="train_expert" # notebook name in nbs/
            )->Path:
@@ -230,34 +197,20 @@ def dead_kernel_record(err:Exception|None, # what `execute_notebook` returned
         return dict(status="interrupted", stop_reason="killed", error="the kernel died (killed by a signal, or out of memory)")
     return dict(status="failed", stop_reason="error", error=error_line(err) if err else "the notebook ended without a result")
 
-# %% ../nbs/06f_execute.ipynb #b19b6acc
-def _ts(iso): return dt.datetime.fromisoformat(iso).timestamp()
+# %% ../nbs/06f_execute.ipynb #010e5fd3
+def _finish_unfinished(run_dir, rec, err):
+    "The record of a notebook that ended without finishing it (it failed early or its kernel died)."
+    try: return finish_record(run_dir, dead_kernel_record(err))
+    except DiskError as e:
+        return {**rec, **dead_kernel_record(err), "error": f"{dead_kernel_record(err)['error']}; metrics.json not updated: {e}"}
 
-def earlier_duration(run_dir:Path, # the run folder
-                     old:dict, # its metrics.json record before this attempt starts
-                    )->float:
-    "Seconds the run's earlier attempts trained, without the time between them."
-    if old.get("status") not in (None, "running") and old.get("duration_s") is not None: return float(old["duration_s"])
-    start = old.get("attempt_started") or old.get("started")
-    if not start: return 0.0
-    files = [run_dir/"metrics.json", run_dir/"history.csv", run_dir/"checkpoints"/"last.pt"]
-    last = max((f.stat().st_mtime for f in files if f.exists()), default=_ts(start))
-    return float(old.get("prior_duration_s") or 0) + max(0.0, last - _ts(start))
+def _finish_report(run_dir, rec, console):
+    "Put the result into the report's summary cell and write its HTML copy; on a full disk, say so and go on."
+    if not (run_dir/"report.ipynb").exists(): return
+    try: write_summary(run_dir/"report.ipynb", rec); write_html(run_dir/"report.ipynb")
+    except DiskError as e: (console or print)(f"warning: the report was not finished: {e}")
 
-def _start_attempt(run_dir, old):
-    "Stamp this attempt's start and the earlier attempts' time into the record `start_record` just wrote."
-    rec = {**read_json(run_dir/"metrics.json", {}), "attempt_started": dt.datetime.now().isoformat(timespec="seconds"),
-           "prior_duration_s": round(earlier_duration(run_dir, old), 1)}
-    write_json(run_dir/"metrics.json", rec)
-
-def _finish_duration(run_dir, rec):
-    "`duration_s`: the earlier attempts' time plus this one's, rewritten over `finish_record`'s finished - started."
-    if not (rec.get("finished") and rec.get("attempt_started")): return rec
-    rec = {**rec, "duration_s": round(float(rec.get("prior_duration_s") or 0) + _ts(rec["finished"]) - _ts(rec["attempt_started"]), 1)}
-    write_json(run_dir/"metrics.json", rec)
-    return rec
-
-# %% ../nbs/06f_execute.ipynb #a059aad9
+# %% ../nbs/06f_execute.ipynb #b84b9dad
 def run_expert(cfg:TrainConfig, # resolved, checked config
                sources:dict, # where each value came from
                run_dir:Path|None=None, # run folder; default: a new one
@@ -275,152 +228,17 @@ def run_expert(cfg:TrainConfig, # resolved, checked config
     try:
         if takeover: (console or print)(takeover)
         _keep_previous_report(run_dir)
-        old = read_json(run_dir/"metrics.json", {})
         start_record(run_dir, cfg, sources, extra, with_provenance=False)  # the kernel adds it: it imports torch anyway
-        _start_attempt(run_dir, old)
         params = dict(config_json=json.dumps({"config": asdict(cfg), "sources": sources}), run_dir=str(run_dir), resume=resume,
                       lock_token=lock.token)  # the kernel joins our hold, and stops if it is ever lost
         err = execute_notebook(src, run_dir/"report.ipynb", params, console=console, log_path=run_dir/"run.log")
         rec = read_json(run_dir/"metrics.json", {})
-        if rec.get("status") in (None, "running"): rec = finish_record(run_dir, dead_kernel_record(err))  # failed early, or died
-        rec = _finish_duration(run_dir, rec)
-        if (run_dir/"report.ipynb").exists():
-            write_summary(run_dir/"report.ipynb", rec); write_html(run_dir/"report.ipynb")
+        if rec.get("status") in (None, "running"): rec = _finish_unfinished(run_dir, rec, err)  # failed early, or died
+        _finish_report(run_dir, rec, console)
     finally: lock.release()
     rec = {**rec, "run_dir": str(run_dir)}
     if rec.get("status") != "completed": raise RunFailed(run_dir, rec.get("error") or rec.get("status"), rec)
     return rec
-
-# %% ../nbs/06f_execute.ipynb #3db9fec9
-INTERNAL_PARAMETERS = dict(smoke=(bool, None), config_json=(str, None), run_dir=(str, None), resume=(bool,),
-                           lock_token=(str, None), console=(str, None))  # name: allowed types (None: may be left out)
-
-def unknown_parameters(params:dict, # the notebook's globals
-                       before:set, # the names that existed before the parameters cell ran
-                      )->list:
-    "The names papermill injected that are neither config keys nor internal parameters."
-    def injected(k, v): return not (k in before or k.startswith("_") or inspect.ismodule(v) or callable(v))
-    return sorted(k for k, v in params.items() if injected(k, v) and k not in FIELD_TYPES and k not in INTERNAL_PARAMETERS)
-
-def check_internal(params:dict # the notebook's globals
-                  ):
-    "Raise a one-line `ConfigError` when an internal parameter has the wrong type."
-    for k, kinds in INTERNAL_PARAMETERS.items():
-        v = params.get(k)
-        if (v is None and None in kinds) or isinstance(v, tuple(t for t in kinds if t is not None)): continue
-        want = " or ".join("None" if t is None else {bool: "True or False", str: "text"}[t] for t in kinds)
-        raise ConfigError(f"{k}: expected {want}, got {v!r} ({type(v).__name__})")
-
-# %% ../nbs/06f_execute.ipynb #754e6678
-def read_config_json(text:str # the `config_json` parameter
-                    )->tuple:
-    "Parse and check `config_json`: (TrainConfig, sources), or a one-line `ConfigError`."
-    form = 'JSON of {"config": {key: value, ...}, "sources": {key: layer, ...}}'
-    try: j = json.loads(text)
-    except json.JSONDecodeError as e: raise ConfigError(f"config_json: not {form} ({e.msg} at character {e.pos})") from None
-    if not (isinstance(j, dict) and isinstance(j.get("config"), dict) and isinstance(j.get("sources"), dict)):
-        raise ConfigError(f"config_json: not {form}")
-    values = {check_key(k): v for k, v in j["config"].items()}
-    if missing := sorted(set(FIELD_TYPES) - set(values)): raise ConfigError(f"config_json: keys missing: {', '.join(missing)}")
-    cfg = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
-    check_ranges(cfg)
-    if bad := {k: v for k, v in j["sources"].items() if k not in FIELD_TYPES or v not in SOURCES}:
-        k, v = next(iter(bad.items()))
-        raise ConfigError(f"config_json: source {k}={v!r}: keys are config keys, sources one of {', '.join(SOURCES)}")
-    return cfg, j["sources"]
-
-# %% ../nbs/06f_execute.ipynb #84672f14
-def _bad_input():
-    from expert_lab.checkpoint import CheckpointError
-    from expert_lab.data import DatasetError
-    from expert_lab.lock import RunBusy
-    return (ConfigError, DatasetError, CheckpointError, RunBusy)
-
-@contextmanager
-def one_line_errors():
-    "Inside the notebook: a refusal of bad input raised in the block is shown as its one line, without a traceback."
-    try: yield
-    except _bad_input() as e:
-        line = f"{type(e).__name__}: {e}"
-        e._render_traceback_ = lambda: [line]
-        raise
-
-# %% ../nbs/06f_execute.ipynb #1d88b36f
-SMOKE = dict(model="wideresnet10_1", dataset="digits", n_experts=2, epochs=2, restart_period=2, batch_size=64, lr=0.05,
-             steps_per_epoch=3)
-
-def check_parameters(params:dict # the notebook's globals; `_before_parameters` is taken out (a re-run checks anew)
-                    ):
-    "Refuse, in one line, a parameter the notebook does not have or an internal one of the wrong type."
-    before = params.pop("_before_parameters", None)  # None: opened by hand without the first cell; nothing to compare
-    if before is not None and (names := unknown_parameters(params, before)): check_key(names[0])  # raises, naming the nearest key
-    check_internal(params)
-
-def _join_run(params):
-    "expert-lab resolved, checked, and holds the folder: join its hold."
-    from expert_lab.lock import RunLock
-    cfg, sources = read_config_json(params["config_json"])
-    if not params.get("run_dir") or not Path(params["run_dir"]).is_dir():
-        raise ConfigError(f"run_dir: config_json comes with the run folder expert-lab made; got {params.get('run_dir')!r}")
-    run_dir = Path(params["run_dir"])
-    lock = RunLock(run_dir, join=params["lock_token"]) if params.get("lock_token") else None
-    if lock is not None: lock.acquire()
-    record_provenance(run_dir)
-    return cfg, sources, run_dir, lock
-
-def open_notebook_run(params:dict, # the notebook's parameters (its globals() will do)
-                     )->tuple:
-    "Check the parameters and the config, take the run folder and start its record: (cfg, sources, run_dir, lock or None)."
-    from expert_lab.lock import RunLock
-    from expert_lab.preflight import preflight, resolve_run
-    with one_line_errors():
-        check_parameters(params)
-        if params.get("config_json"): return _join_run(params)
-        smoke = params.get("smoke")
-        if smoke is None: smoke = bool(os.environ.get("JPY_SESSION_NAME"))
-        args = explicit_args(params)
-        cfg, sources = resolve_run({**SMOKE, **args} if smoke else args)
-        if w := schedule_warning(cfg): print(w)
-        run_dir, resume = params.get("run_dir") or None, params.get("resume", True)
-        preflight([cfg], run_dir, resume)
-        run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(run_dir)  # names the papermill command that started this kernel as the holder
-        if takeover := lock.acquire(): print(takeover)
-    old = read_json(run_dir/"metrics.json", {})
-    start_record(run_dir, cfg, sources)
-    _start_attempt(run_dir, old)
-    return cfg, sources, run_dir, lock
-
-# %% ../nbs/06f_execute.ipynb #cebd752e
-class HoldFolder:
-    "A training hook that renews the run folder's lock each epoch; it raises `RunBusy` (stopping the run) once lost."
-    def __init__(self, lock # the notebook's `RunLock`, or None
-                ): self.lock = lock
-    def on_epoch_end(self, record, state):
-        if self.lock is not None: self.lock.refresh()
-
-class HistoryCSV:
-    "A training hook that rewrites history.csv with the whole history after every epoch."
-    def __init__(self, path:str|Path # the run's history.csv
-                ): self.path = Path(path)
-    def on_epoch_end(self, record, state): write_csv(self.path, state.history, HISTORY_COLUMNS)
-
-# %% ../nbs/06f_execute.ipynb #4aaaf40e
-@contextmanager
-def recording(run_dir:str|Path, # the run folder
-              lock=None, # the notebook's `RunLock`, when it holds the folder itself (plain papermill)
-             ):
-    "Inside the notebook: finish the record as failed or interrupted if the block raises; release `lock` either way."
-    from expert_lab.lock import RunBusy
-    try: yield
-    except RunBusy: raise  # the folder is someone else's now: write nothing more
-    except KeyboardInterrupt:
-        finish_record(run_dir, dict(status="interrupted", stop_reason="interrupt", error="KeyboardInterrupt outside a training step")); raise
-    except Exception as e:
-        finish_record(run_dir, dict(status="failed", stop_reason="error", error=f"{type(e).__name__}: {e}")); raise
-    finally:
-        if lock is not None: lock.release()
 
 # %% ../nbs/06f_execute.ipynb #29a585df
 def report_notebook(name:str, # runbook in nbs/: compare_runs, ensemble, sweep_report

@@ -12,8 +12,9 @@ from .config import FIELD_TYPES, ConfigError, TrainConfig, config_from_dict, pro
 from .files import read_json, write_json
 
 # %% auto #0
-__all__ = ['HISTORY_COLUMNS', 'runs_root', 'run_group', 'expert_dir', 'new_run_dir', 'provenance', 'start_record',
-           'record_provenance', 'finish_record', 'load_run_config', 'run_summary', 'RunFailed', 'write_group_summary']
+__all__ = ['HISTORY_COLUMNS', 'runs_root', 'run_group', 'expert_dir', 'new_run_dir', 'provenance', 'earlier_duration',
+           'start_record', 'record_provenance', 'finish_record', 'load_run_config', 'run_summary', 'RunFailed',
+           'write_group_summary']
 
 # %% ../nbs/06_runs.ipynb #ec1f5b10
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec")
@@ -61,7 +62,21 @@ def provenance()->dict:
                 slurm_job_id=os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID")),
                 slurm_task_id=os.environ.get("SLURM_ARRAY_TASK_ID"), slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
 
-# %% ../nbs/06_runs.ipynb #17c9df0b
+# %% ../nbs/06_runs.ipynb #17fb0e24
+def _ts(iso): return dt.datetime.fromisoformat(iso).timestamp()
+
+def earlier_duration(run_dir:Path, # the run folder
+                     old:dict, # its metrics.json record before this attempt starts
+                    )->float:
+    "Seconds the run's earlier attempts trained, without the time between them."
+    if old.get("status") not in (None, "running") and old.get("duration_s") is not None: return float(old["duration_s"])
+    start = old.get("attempt_started") or old.get("started")
+    if not start: return 0.0
+    files = [run_dir/"metrics.json", run_dir/"history.csv", run_dir/"checkpoints"/"last.pt"]
+    last = max((f.stat().st_mtime for f in files if f.exists()), default=_ts(start))
+    return float(old.get("prior_duration_s") or 0) + max(0.0, last - _ts(start))
+
+# %% ../nbs/06_runs.ipynb #4336f867
 def start_record(run_dir:Path, # the run folder
                  cfg:TrainConfig, # resolved config
                  sources:dict, # where each value came from
@@ -71,10 +86,10 @@ def start_record(run_dir:Path, # the run folder
     "Write config.json and a `running` metrics.json; return the metrics record."
     run_dir = Path(run_dir)
     write_json(run_dir/"config.json", {"config": asdict(cfg), "sources": sources, **(extra or {})})
-    old = read_json(run_dir/"metrics.json", {})
+    old, now = read_json(run_dir/"metrics.json", {}), dt.datetime.now().isoformat(timespec="seconds")
     rec = dict(status="running", model=cfg.model, partition=cfg.partition, n_experts=cfg.n_experts, expert_id=cfg.expert_id,
-               dataset=cfg.dataset, started=old.get("started") or dt.datetime.now().isoformat(timespec="seconds"),
-               attempts=old.get("attempts", 0) + 1)
+               dataset=cfg.dataset, started=old.get("started") or now, attempts=old.get("attempts", 0) + 1,
+               attempt_started=now, prior_duration_s=round(earlier_duration(run_dir, old), 1))
     if with_provenance: rec["provenance"] = provenance()
     write_json(run_dir/"metrics.json", rec)
     return rec
@@ -89,12 +104,13 @@ def record_provenance(run_dir:Path # the run folder, whose metrics.json `start_r
 def finish_record(run_dir:Path, # the run folder
                   metrics:dict, # final metrics (status included)
                  )->dict:
-    "Merge `metrics` into metrics.json, stamping the end time and duration."
+    "Merge `metrics` into metrics.json, stamping the end time and the duration: this attempt's plus the earlier ones'."
     run_dir = Path(run_dir)
     rec = {**read_json(run_dir/"metrics.json", {}), **metrics}
     rec["finished"] = dt.datetime.now().isoformat(timespec="seconds")
-    started = rec.get("started")
-    rec["duration_s"] = round((dt.datetime.fromisoformat(rec["finished"]) - dt.datetime.fromisoformat(started)).total_seconds(), 1) if started else None
+    start = rec.get("attempt_started") or rec.get("started")  # not the first start: the time between attempts is no work
+    took = (dt.datetime.fromisoformat(rec["finished"]) - dt.datetime.fromisoformat(start)).total_seconds() if start else None
+    rec["duration_s"] = None if took is None else round(float(rec.get("prior_duration_s") or 0) + took, 1)
     write_json(run_dir/"metrics.json", rec)
     return rec
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #8af2f204
 from __future__ import annotations
-import errno, signal, threading, time
+import signal, threading, time
 from dataclasses import dataclass, field, asdict
 from itertools import islice
 from pathlib import Path
@@ -19,7 +19,8 @@ from .data import DeviceLoader
 from .experts import ExpertData, check_batch_fits, prepare_expert_data
 from .augment import TrainAugment, soft_targets, mix_batch
 from .models import create_model
-from .checkpoint import CheckpointError, load_checkpoint, load_resume, save_epoch, strip_compile_prefix, tested_kind, tested_weights
+from .checkpoint import (CheckpointError, disk_failure_line, load_resume, save_epoch, strip_compile_prefix, tested_kind,
+                                   tested_weights)
 from .files import DiskError
 from .recipe import EMA, amp_dtype, autocast_for, determinism, lr_factor, make_optimizer, make_scheduler, soft_cross_entropy
 from .progress import Progress, progress_mode
@@ -265,18 +266,6 @@ def _out_of_memory(st, out)->Outcome:
     if st.device.type == "cuda": torch.cuda.empty_cache()
     return _ended(out, "failed", "error", _oom_message(st.cfg, st.device))
 
-def _saved_epoch(ckpt_dir)->str:
-    "Which epoch the run folder's `last.pt` holds, in words."
-    try: ck = load_checkpoint(ckpt_dir/"last.pt")
-    except CheckpointError: return "no checkpoint was saved yet"
-    return f"checkpoints/last.pt of epoch {ck['epoch']}" + (f" (step {ck['step']} of the next)" if ck["step"] else "") + " is intact"
-
-def _disk_message(e, ckpt_dir, run_dir)->str:
-    "One line: what the disk refused, which checkpoint survives, and how to go on."
-    fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make the disk writable"
-    go_on = f"expert-lab resume {run_dir}" if run_dir is not None else "run it again"
-    return f"{e}; {_saved_epoch(ckpt_dir) if ckpt_dir else 'nothing was saved'}; {fix}, then: {go_on}"
-
 def _stopped_message(st, stop, ckpt_dir):
     return (f"{stop.signame}: stopped in epoch {st.epoch + 1} after step {st.step}; "
             + (f"saved {ckpt_dir/'last.pt'}" if ckpt_dir else "no run_dir, nothing saved"))
@@ -358,7 +347,7 @@ def _restore(st, saved, best, ckpt_dir, out):
         out.write(f"warning: {ckpt_dir/'best.pt'} is missing: unless a later epoch validates better, the test set "
                   f"will be evaluated with the final weights, not those of epoch {st.best_epoch}")
 
-# %% ../nbs/05_train.ipynb #f65829e9
+# %% ../nbs/05_train.ipynb #c6057e13
 def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
           run_dir:str|Path|None=None, # run folder: checkpoints go to run_dir/checkpoints; None keeps nothing on disk
           hooks:Sequence=(), # objects with optional `on_epoch_end(record, state)` and `on_train_end(result)`
@@ -391,8 +380,7 @@ def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
                     _save(st, ckpt_dir)
                     outcome = _ended(out, "interrupted", "interrupt", _stopped_message(st, stop, ckpt_dir), signal=stop.signame,
                                      stopped_at=dict(epoch=st.epoch + 1, step=st.step))
-                elif s["first_bad_step"] is not None:  # this epoch was not counted and is not saved
-                    outcome = _ended(out, "failed", "nan_loss", _nan_message(st, s, ckpt_dir))
+                elif s["first_bad_step"] is not None: outcome = _ended(out, "failed", "nan_loss", _nan_message(st, s, ckpt_dir))  # not counted, not saved
                 else:
                     rec = _validate(st, s, val); st.history.append(rec)
                     _save(st, ckpt_dir, best=_select(st, rec))  # best.pt too when this epoch validated best so far
@@ -401,8 +389,7 @@ def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
         except KeyboardInterrupt:  # raised, not signalled (e.g. from a hook): a half-done step is never saved
             outcome = _ended(out, "interrupted", "interrupt", _interrupted_message(ckpt_dir), signal=stop.signame)
         except torch.OutOfMemoryError: outcome = _out_of_memory(st, out)
-        except DiskError as e:  # the failed file is gone again, so the small records of the failure still fit
-            outcome = _ended(out, "failed", "error", _disk_message(e, ckpt_dir, run_dir))
+        except DiskError as e: outcome = _ended(out, "failed", "error", disk_failure_line(e, ckpt_dir, run_dir))  # its temporary is gone: the small records fit
         except Exception as e: outcome, raised = Outcome("failed", "error", f"{type(e).__name__}: {e}"), e
         finally: out.close()
         outcome = outcome or Outcome("completed", st.stop_reason or "epochs_done")

@@ -292,7 +292,7 @@ def test_train_notebook_and_report_in_chromium(tmp_path):
         assert records, f"the notebook's run folder is not under EXPERT_LAB_RUNS_DIR={runs}"
         [record] = records
         run = record.relative_to(runs).parts  # <model>/<partition>-<n>/expert-<k>/<timestamp>/metrics.json
-        assert run[:3] == ("wideresnet10_1", "iid-2", "expert-0"), f"not the smoke run (execute.SMOKE): {run}"
+        assert run[:3] == ("wideresnet10_1", "iid-2", "expert-0"), f"not the smoke run (notebook_run.SMOKE): {run}"
         assert json.loads(record.read_text())["status"] == "completed", record.read_text()[:2000]
 
         # act 3: a run report made by `expert-lab train` draws its plots in the browser, offline, from a file

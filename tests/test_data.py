@@ -171,10 +171,12 @@ def test_folder(tmp_path):
 
 def test_folder_errors(tmp_path):
     _write_images(tmp_path, 'train', {'cat': [(32, 'png', 'RGB')]})
+    _write_images(tmp_path, 'test', {'cat': [(32, 'png', 'RGB')]})
+    with pytest.raises(DatasetError, match='one class folder'): check_dataset('folder', tmp_path)  # nothing to tell apart
+    _write_images(tmp_path, 'train', {'dog': [(32, 'png', 'RGB')]})
     _write_images(tmp_path, 'test', {'cow': [(32, 'png', 'RGB')]})
     with pytest.raises(DatasetError, match='classes that .* lacks: cow'): check_dataset('folder', tmp_path)
     (tmp_path/'test'/'cow'/'0.png').unlink(); (tmp_path/'test'/'cow').rmdir()
-    _write_images(tmp_path, 'test', {'cat': [(32, 'png', 'RGB')]})
     (tmp_path/'train'/'cat'/'broken.png').write_bytes(b'not a png')
     with pytest.raises(DatasetError, match='Cannot read image .*broken.png'): load_dataset('folder', tmp_path)
 

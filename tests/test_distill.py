@@ -11,7 +11,7 @@ import torch
 from expert_lab.checkpoint import CheckpointError, load_checkpoint, save_epoch
 from expert_lab.config import ConfigError
 from expert_lab.distill import Teacher, distill_comparison, distill_jobs, distill_loss, teacher_runs
-from expert_lab.execute import HistoryCSV
+from expert_lab.notebook_run import HistoryCSV
 from expert_lab.experts import prepare_expert_data
 from expert_lab.files import write_json
 from expert_lab.models import create_model

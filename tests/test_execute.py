@@ -3,7 +3,8 @@ turns the run's own outcome into an error (a broken pipe is the parent's loss, n
 import os
 from pathlib import Path
 
-from expert_lab.execute import Console, console_tee
+from expert_lab.execute import Console
+from expert_lab.notebook_run import console_tee
 
 
 def test_lines_arrive_in_order(tmp_path):

@@ -34,12 +34,12 @@ def snapshot(d): return {p.relative_to(d): p.read_bytes() for p in sorted(Path(d
 DIE_AFTER_EPOCH = textwrap.dedent("""
     import os, signal
     if os.environ.get("TEST_DIE_AFTER_EPOCH"):
-        from expert_lab import execute
-        _write = execute.HistoryCSV.on_epoch_end
+        from expert_lab import notebook_run
+        _write = notebook_run.HistoryCSV.on_epoch_end
         def _die(self, record, state):
             _write(self, record, state)
             if state.epoch >= int(os.environ["TEST_DIE_AFTER_EPOCH"]): os.kill(os.getpid(), signal.SIGKILL)
-        execute.HistoryCSV.on_epoch_end = _die
+        notebook_run.HistoryCSV.on_epoch_end = _die
 """)
 
 

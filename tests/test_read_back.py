@@ -145,7 +145,7 @@ def test_papermill_door_refuses_before_a_folder(tmp_path, monkeypatch, params):
     "What `papermill -p` hands the training notebook goes through the same checks (open_notebook_run -> resolve_run, preflight)."
     if params.get("device") == "mps" and torch.backends.mps.is_available(): pytest.skip("this machine has an MPS device")
     from expert_lab.config import ConfigError
-    from expert_lab.execute import open_notebook_run
+    from expert_lab.notebook_run import open_notebook_run
     for k in [k for k in os.environ if k in CONFIG_ENV or k.startswith("EXPERT_LAB_")]: monkeypatch.delenv(k)
     for k, v in _env(tmp_path).items(): monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError, match=f"{next(iter(params))}: "): open_notebook_run(dict(dataset="digits", smoke=False, resume=True, **params))
