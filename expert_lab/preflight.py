@@ -110,6 +110,11 @@ def check_shards(cfgs:list, # configs of one group of experts: same dataset, par
     "Raise `ConfigError` unless validation fits and every expert's shard holds a batch; return {expert_id: shard size}."
     from expert_lab.experts import check_batch_fits, expert_split
     ds = ds if ds is not None else _dataset(cfgs[0])
+    if (n := cfgs[0].n_experts) > len(ds.train_y):  # before any split: its cost grows with n
+        raise ConfigError(f"n_experts: {n} experts cannot share the {len(ds.train_y)} training images of {cfgs[0].dataset} "
+                          f"(each needs at least batch_size={cfgs[0].batch_size})")
+    if (pad := cfgs[0].crop_padding) > (side := ds.train_x.shape[-1]):
+        raise ConfigError(f"crop_padding: {pad} pixels is wider than the {side}x{side} images; use 0 to {side} (4 is usual)")
     sizes = {}
     for cfg in cfgs:
         try:

@@ -80,6 +80,9 @@ CASES = {
     "cuda without a gpu": (DIGITS + ["--device", "cuda"], None, {}, "no CUDA GPU"),
     "cuda index without a gpu": (DIGITS + ["--device", "cuda:3"], None, {}, "cuda:3"),
     "unknown device": (DIGITS + ["--device", "tpu"], None, {}, "device"),
+    # values whose cost would grow with them: refused from the dataset's size, before any split or padding
+    "a billion experts": (DIGITS + ["--n-experts", "1000000000", "--expert-id", "0"], None, {}, "n_experts: 1000000000 experts cannot share"),
+    "crop padding wider than the images": (DIGITS + ["--crop-padding", "1000000000"], None, {}, "crop_padding"),
     # checkpoints of a named run folder
     "truncated last.pt": (DIGITS + ["--expert-id", "0", "--run-dir", RUN], lambda p: _checkpoint(p, "truncated"), {}, "truncated or corrupt"),
     "last.pt holding python objects": (DIGITS + ["--expert-id", "0", "--run-dir", RUN], lambda p: _checkpoint(p, "objects"), {}, "refused to load"),
