@@ -131,6 +131,17 @@ def test_papermill_lists_the_runbook_parameters():
         assert p in r.stdout, (p, r.stdout)
 
 
+def test_runbook_parameters_say_what_the_config_says():
+    "Every config key is a parameter of the training runbook, with TrainConfig's type and, word for word, its meaning."
+    import nbformat, re
+    from expert_lab.config import FIELD_TYPES, field_docs
+    nb = nbformat.read(REPO/"nbs"/"train_expert.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    said = {k: (t, doc) for k, t, doc in re.findall(r"^(\w+): (\w+) = None\s+# (.*)$", cell.source, re.M)}
+    docs = field_docs()
+    assert {k: said.get(k) for k in FIELD_TYPES} == {k: (t.__name__, docs[k]) for k, t in FIELD_TYPES.items()}
+
+
 @pytest.mark.parametrize("name", ["compare_runs", "ensemble"])
 def test_report_runbooks_have_typed_parameters(name):
     import nbformat
