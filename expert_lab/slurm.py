@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_slurm.ipynb #50a0ba3a
 from __future__ import annotations
-import configparser, datetime as dt, os, re, secrets, shlex, shutil, subprocess
+import configparser, datetime as dt, math, os, re, secrets, shlex, shutil, subprocess
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -49,8 +49,10 @@ def _typed(key, value):
     if isinstance(value, str): value = value.strip()
     try:
         if typ is int and isinstance(value, float) and not value.is_integer(): raise ValueError
-        return typ(value)
+        v = typ(value)
     except (TypeError, ValueError): raise SlurmError(f"{key}: expected {_KINDS[typ]}, got {value!r}") from None
+    if typ is float and not math.isfinite(v): raise SlurmError(f"{key}: must be a finite number, got {value!r}")  # nan passes `<= 0`
+    return v
 
 # %% ../nbs/07_slurm.ipynb #900b2216
 _POSITIVE = ("time_min", "cpus_per_task", "mem_gb")
