@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig, pick_device
-from .data import DeviceLoader
+from .data import DeviceLoader, epoch_seed
 from .experts import ExpertData, check_batch_fits, prepare_expert_data
 from .augment import TrainAugment, soft_targets, mix_batch
 from .models import create_model
@@ -129,8 +129,6 @@ def setup_training(cfg:TrainConfig, # the run's config
                       autocast_for(dtype, device), data.num_classes, steps, teacher=teacher)
 
 # %% ../nbs/05_train.ipynb #10108998
-def _epoch_seed(seed, epoch): return (seed*1_000_003 + epoch + 1) % 2**63  # = data's loader seed of epoch + 1
-
 def train_epoch(st:TrainState, # the run's state, updated in place
                 stop=None, # object whose `.requested` ends the epoch between two steps; None never stops
                 bar=None, # a progress bar with `.update()` and `.close()`, closed when the epoch returns; None shows nothing
@@ -140,7 +138,7 @@ def train_epoch(st:TrainState, # the run's state, updated in place
     st.net.train()
     st.loader.set_epoch(st.epoch)
     if st.step == 0:
-        st.gen.manual_seed(_epoch_seed(cfg.seed, st.epoch))
+        st.gen.manual_seed(epoch_seed(cfg.seed, st.epoch + 1))  # augmentation: the seed the loader gives the next epoch
         st.partial = dict(losses=torch.zeros(st.steps, device=st.device), seconds=0.0,
                           correct=torch.zeros((), dtype=torch.long, device=st.device))
     acc, t0 = st.partial, time.perf_counter()

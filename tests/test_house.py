@@ -65,3 +65,38 @@ def test_the_training_loop_reads_in_one_sitting():
     tree = ast.parse((PKG/"train.py").read_text())
     [fn] = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train"]
     assert fn.end_lineno - fn.lineno + 1 <= 50
+
+
+def _reach(start, mods):
+    "Every package module `start` imports, directly or through others (function bodies included)."
+    seen, todo = set(), [start]
+    while todo:
+        n = todo.pop()
+        for target, _ in _imports(n, mods[n], mods):
+            if target in mods and target not in seen: seen.add(target); todo.append(target)
+    return seen
+
+
+def _third_party(path):
+    "Top-level names of the non-package modules `path` imports, function bodies included."
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import): out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module: out.add(node.module.split(".")[0])
+    return out
+
+
+def test_the_kernel_side_knows_nothing_of_the_parent():
+    "What the runbook runs inside its kernel reaches neither papermill nor the parent's module, however deep."
+    mods = _modules()
+    reach = _reach("expert_lab.notebook_run", mods) | {"expert_lab.notebook_run"}
+    assert "expert_lab.execute" not in reach
+    parent_libs = {"papermill", "nbconvert", "nbclient", "jupyter_client"}
+    assert {n: sorted(_third_party(mods[n]) & parent_libs) for n in reach if _third_party(mods[n]) & parent_libs} == {}
+
+
+def test_the_runbook_imports_only_the_kernel_side():
+    import json
+    cells = json.loads((PKG.parent/"nbs"/"train_expert.ipynb").read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    assert "from expert_lab.notebook_run import" in code and "expert_lab.execute" not in code
