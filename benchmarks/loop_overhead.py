@@ -29,7 +29,8 @@ from expert_lab.data import DeviceLoader
 from expert_lab.models import create_model
 from expert_lab.experts import prepare_expert_data
 from expert_lab.recipe import lr_factor
-from expert_lab.train import _epoch_seed, train
+from expert_lab.data import epoch_seed
+from expert_lab.train import train
 
 
 def plain_loop(cfg: TrainConfig) -> tuple[float, float]:
@@ -46,7 +47,7 @@ def plain_loop(cfg: TrainConfig) -> tuple[float, float]:
     augment = TrainAugment(ds.mean, ds.std, cfg.crop_padding, cfg.hflip, cfg.random_erasing)
     gen = torch.Generator()
     for epoch in range(cfg.epochs):
-        model.train(); loader.set_epoch(epoch); gen.manual_seed(_epoch_seed(cfg.seed, epoch))
+        model.train(); loader.set_epoch(epoch); gen.manual_seed(epoch_seed(cfg.seed, epoch + 1))
         for i, (xb, yb) in enumerate(islice(loader, steps)):
             x = augment(xb, generator=gen)
             x, t = mix_batch(x, soft_targets(yb, C, cfg.label_smoothing), cfg.mixup_alpha, cfg.cutmix_alpha, generator=gen,

@@ -12,13 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
 from .recipe import soft_cross_entropy
-# the training loop imports this module: run folders and ensembles (catalog, runs, ensemble) are imported where they
-# are used, so that `train` does not load the layers built on top of it
+from .train import OBJECTIVES
+# run folders and ensembles (catalog, runs, ensemble) are imported where they are used: a student's run loads them
+# only when it looks its teachers up
 
 # %% auto #0
-__all__ = ['teacher_runs', 'Teacher', 'distill_loss', 'check_distill', 'build_teacher', 'distill_jobs', 'distill_comparison']
+__all__ = ['teacher_runs', 'Teacher', 'distill_loss', 'check_distill', 'build_teacher', 'Distillation', 'distillation',
+           'distill_jobs', 'distill_comparison']
 
 # %% ../nbs/06g_distill.ipynb #75c07ae5
 def _group(distill_from:str # <model>/<partition>-<n>, e.g. resnet18/iid-4
@@ -37,8 +40,8 @@ def teacher_runs(distill_from:str, # <model>/<partition>-<n>, e.g. resnet18/iid-
                  root:str|Path|None=None, # runs folder; None: the site settings' runs_dir
                 )->list[Path]:
     "The newest completed run of each expert of `distill_from`, ordered by expert; `ConfigError` (one line) unless all are there and agree."
-    from expert_lab.catalog import runs_folder
-    from expert_lab.ensemble import check_experts, latest_completed, runs_frame
+    from expert_lab.catalog import latest_completed, runs_folder, runs_frame
+    from expert_lab.ensemble import check_experts
     model, kind, n = _group(distill_from)
     runs = runs_frame(root, model=model, partition=f"{kind}-{n}", status="completed")
     done = latest_completed(runs[~runs.path.map(_is_student).astype(bool)], n)
@@ -94,7 +97,7 @@ def distill_loss(student_logits:torch.Tensor, # [B, C] the student's logits, any
     return alpha*temperature**2*kl + (1 - alpha)*soft_cross_entropy(student_logits, targets)
 
 # %% ../nbs/06g_distill.ipynb #ebd462a8
-def _dataset(cfg): return f"{cfg.dataset} ({cfg.data_root})" if cfg.dataset == "folder" else cfg.dataset
+def _dataset_label(cfg): return f"{cfg.dataset} ({cfg.data_root})" if cfg.dataset == "folder" else cfg.dataset
 
 def check_distill(cfg:TrainConfig, # a run's config; nothing to check when `distill_from` is empty
                   teachers:list|None=None, # the teacher folders a resumed run's checkpoint recorded; None: `teacher_runs`
@@ -111,9 +114,9 @@ def check_distill(cfg:TrainConfig, # a run's config; nothing to check when `dist
         c = load_run_config(d)[0]
         if (c.model, c.partition, c.n_experts) != (model, kind, n):
             raise ConfigError(f"distill_from: {d} is a run of {c.model}/{c.partition}-{c.n_experts}, not of {cfg.distill_from}")
-        if _dataset(c) != _dataset(cfg):
-            raise ConfigError(f"distill_from: the experts of {cfg.distill_from} were trained on {_dataset(c)}, the student "
-                              f"trains on {_dataset(cfg)}; a student learns on its teachers' dataset")
+        if _dataset_label(c) != _dataset_label(cfg):
+            raise ConfigError(f"distill_from: the experts of {cfg.distill_from} were trained on {_dataset_label(c)}, the student "
+                              f"trains on {_dataset_label(cfg)}; a student learns on its teachers' dataset")
     return dirs
 
 def build_teacher(cfg:TrainConfig, # the student's config; no teacher when `distill_from` is empty
@@ -126,11 +129,50 @@ def build_teacher(cfg:TrainConfig, # the student's config; no teacher when `dist
     if not (dirs := check_distill(cfg, teachers)): return None
     return Teacher(dirs, num_classes, cfg.distill_temperature, autocast, device, cfg.channels_last)
 
+# %% ../nbs/06g_distill.ipynb #e0cd9261
+class Distillation:
+    "A student's objective: Hinton's loss against the experts' ensemble, which sees the very batch the student sees."
+    def __init__(self, teacher:Teacher, # the frozen experts' ensemble, at the student's temperature
+                 cfg:TrainConfig, # the student's config: `distill_from`, `distill_temperature`, `distill_alpha`
+                ): self.teacher, self.cfg = teacher, cfg
+
+    def __call__(self, logits:torch.Tensor, # [B, C] the student's logits
+                 x:torch.Tensor, # the very batch the student saw: the teacher sees it too
+                 targets:torch.Tensor, # [B, C] the batch's soft targets
+                )->torch.Tensor:
+        "The step's loss: `distill_loss` of the student's logits, the teacher's probabilities for `x` and the targets."
+        return distill_loss(logits, self.teacher(x), targets, self.cfg.distill_temperature, self.cfg.distill_alpha)
+
+    def state_dict(self)->dict: return dict(teachers=self.teacher.run_dirs)  # what a resumed student rebuilds its teacher from
+    def metrics(self)->dict: return dict(teachers=self.teacher.run_dirs)
+
+    def load_state_dict(self, state:dict # a resumed checkpoint's objective entries
+                       ):
+        "Refuse a checkpoint that learned from other teachers (or from the labels only)."
+        if (then := state.get("teachers")) != (now := self.teacher.run_dirs):
+            raise CheckpointError(f"the checkpoint learned from {then or 'the labels only'}, this run from {now}: "
+                                  f"a run resumes with the teachers it started with (use a new run folder to change them)")
+
+    def start_lines(self)->list:
+        c = self.cfg
+        return [f"distilling from {len(self.teacher.experts)} experts of {c.distill_from} (temperature {c.distill_temperature}, "
+                f"soft-target weight {c.distill_alpha})"]
+
+def distillation(cfg:TrainConfig, # the student's config (`distill_from` set)
+                 num_classes:int, # outputs of the student's classifier
+                 device:torch.device, # the training device
+                 autocast:Callable=nullcontext, # the student's autocast factory
+                 saved:dict|None=None, # the checkpoint a resumed student continues from; None: a fresh one
+                )->Distillation:
+    "The objective of a student of `cfg`: its teachers are the ones its checkpoint recorded, else `teacher_runs`."
+    return Distillation(build_teacher(cfg, num_classes, device, autocast, (saved or {}).get("teachers")), cfg)
+
+OBJECTIVES["distill_from"] = distillation  # a config with `distill_from` now trains a student
+
 # %% ../nbs/06g_distill.ipynb #df084130
 def _group_label(model, partition, root):
     "`partition` as a group label (`iid-4`): given so, or the group of the newest completed run of that kind."
-    from expert_lab.catalog import runs_folder
-    from expert_lab.ensemble import latest_completed, runs_frame
+    from expert_lab.catalog import latest_completed, runs_folder, runs_frame
     if partition.rpartition("-")[2].isdigit(): return partition
     done = latest_completed(runs_frame(root, model=model, partition=partition, status="completed"))
     done = done[~done.path.map(_is_student).astype(bool)]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TrainConfig, pick_device
+from .config import ConfigError, TrainConfig, pick_device
 from .data import DeviceLoader, epoch_seed
 from .experts import ExpertData, check_batch_fits, prepare_expert_data
 from .augment import TrainAugment, soft_targets, mix_batch
@@ -25,12 +25,30 @@ from .files import DiskError
 from .recipe import EMA, amp_dtype, autocast_for, determinism, lr_factor, make_optimizer, make_scheduler, soft_cross_entropy
 from .progress import Progress, progress_mode
 from .evaluation import evaluate, eval_loader
-from .distill import build_teacher, distill_loss
 
 # %% auto #0
-__all__ = ['TrainState', 'setup_training', 'train_epoch', 'Outcome', 'TrainResult', 'train']
+__all__ = ['OBJECTIVES', 'Labels', 'TrainState', 'setup_training', 'train_epoch', 'Outcome', 'TrainResult', 'train']
 
-# %% ../nbs/05_train.ipynb #be1b086d
+# %% ../nbs/05_train.ipynb #160c1a17
+class Labels:
+    "The default objective: the labels alone (soft cross-entropy of the smoothed, mixed soft targets); nothing saved or shown."
+    def __call__(self, logits, x, targets): return soft_cross_entropy(logits, targets)  # `x`: the batch the network saw
+    def state_dict(self)->dict: return {}
+    def load_state_dict(self, state:dict): # a resumed checkpoint's objective entries: another objective's, so refused
+        for k, v in state.items(): raise CheckpointError(f"the checkpoint learned from {v}, this run from the labels only: a run resumes with the {k} it started with (use a new run folder to change them)")
+    def start_lines(self)->list: return []
+    def metrics(self)->dict: return {}
+
+OBJECTIVES = dict(distill_from="expert_lab.distill")  # field -> factory(cfg, num_classes, device, autocast, saved); a name: not imported
+_RUN_KEYS = set("epoch step partial model ema best optimizer scheduler scaler rng history stop_reason restarts config format".split())  # the rest: objectives'
+
+def _objective(cfg):
+    "The factory of the objective a run of `cfg` trains with: the one a set field of `OBJECTIVES` asks for, else `Labels`."
+    f = next((f for f in OBJECTIVES if getattr(cfg, f)), None)
+    if isinstance(make := OBJECTIVES.get(f, lambda *a: Labels()), str):  # its module was never imported: say which
+        raise ConfigError(f"{f}: {getattr(cfg, f)!r} asks for the objective {make} defines: import {make} before training")
+    return make
+
 @dataclass(repr=False)
 class TrainState:
     "Everything a run needs while it trains; `state_dict()` is what a checkpoint holds."
@@ -58,31 +76,23 @@ class TrainState:
     stop_reason: str|None = None  # set when the run has finished: epochs_done or early_stop (kept in checkpoints)
     restarts: int = 0  # how many times this run was resumed
     best_state: dict|None = None  # the best weights so far, in memory (not part of `state_dict`: best.pt holds them)
-    teacher: nn.Module|None = None  # the experts' ensemble a student learns from (`cfg.distill_from`); None: the labels only
+    objective: object = field(default_factory=Labels)  # the loss of a step, with its checkpoint entries, lines and metrics
 
     def state_dict(self)->dict:
         "Tensors and plain values that let this run continue exactly where it is."
         cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
-        return dict(epoch=self.epoch, step=self.step, partial=self.partial, model=self.model.state_dict(),
-                    optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
-                    ema=None if self.ema is None else self.ema.state_dict(),
-                    rng=dict(torch=torch.get_rng_state(), cuda=cuda, augment=self.gen.get_state(),
-                             augment_device=self.device.type, data_seed=self.cfg.seed),
-                    history=self.history, best=dict(epoch=self.best_epoch, val_acc=self.best_val_acc, weights=self.best_weights),
-                    stop_reason=self.stop_reason, restarts=self.restarts, config=asdict(self.cfg),
-                    **({} if self.teacher is None else dict(teachers=self.teacher.run_dirs)))  # a resumed student's teachers
-
+        return dict(epoch=self.epoch, step=self.step, partial=self.partial, **self.weights_view(), optimizer=self.opt.state_dict(),
+                    scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(), rng=dict(torch=torch.get_rng_state(),
+                    cuda=cuda, augment=self.gen.get_state(), augment_device=self.device.type, data_seed=self.cfg.seed),
+                    history=self.history, stop_reason=self.stop_reason, restarts=self.restarts, config=asdict(self.cfg),
+                    **self.objective.state_dict())  # e.g. a student's teachers
     def weights_view(self)->dict:
         "The entries of `state_dict()` that `tested_weights` reads (model, ema, best), without copying anything."
         return dict(model=self.model.state_dict(), ema=None if self.ema is None else self.ema.state_dict(),
                     best=dict(epoch=self.best_epoch, val_acc=self.best_val_acc, weights=self.best_weights))
-
-    def load_state_dict(self, sd:dict # as returned by `load_checkpoint`
-                       ):
+    def load_state_dict(self, sd:dict): # as returned by `load_checkpoint`
         "Continue from checkpoint `sd` (as returned by `load_checkpoint`)."
-        if sd.get("teachers") != (now := None if self.teacher is None else self.teacher.run_dirs):
-            raise CheckpointError(f"the checkpoint learned from {sd.get('teachers') or 'the labels only'}, this run from {now or 'the labels only'}: "
-                                  f"a run resumes with the teachers it started with (use a new run folder to change them)")
+        self.objective.load_state_dict({k: v for k, v in sd.items() if k not in _RUN_KEYS})  # first: a student keeps its teachers
         if sd["model"] is not None:  # None: an early-stopped run's final weights, not kept (it never trains again)
             self.model.load_state_dict(strip_compile_prefix(sd["model"]))
         if sd["optimizer"] is not None:  # None: a finished run that did not keep it (`keep_optimizer`): fresh momentum
@@ -95,22 +105,21 @@ class TrainState:
             if sd["ema"] and sd["ema"]["module"] is not None: self.ema.load_state_dict(sd["ema"])
             elif sd["ema"]: pass  # an early stop's final average, not kept: the run is only evaluated again
             else: self.ema = EMA(self.model, self.cfg.ema_decay)  # EMA switched on at resume: start it from here
-        rng = sd["rng"]
-        torch.set_rng_state(rng["torch"])
+        torch.set_rng_state((rng := sd["rng"])["torch"])
         if self.device.type == "cuda" and len(rng["cuda"]) == torch.cuda.device_count(): torch.cuda.set_rng_state_all(rng["cuda"])
         if rng["augment_device"] == self.device.type: self.gen.set_state(rng["augment"])
         self.epoch, self.step, self.history, self.restarts = sd["epoch"], sd["step"], list(sd["history"]), sd["restarts"]
         self.partial = None if sd["partial"] is None else {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in sd["partial"].items()}
-        self.best_epoch, self.best_val_acc, self.best_weights = sd["best"]["epoch"], sd["best"]["val_acc"], sd["best"]["weights"]
-        self.stop_reason = sd["stop_reason"]
+        b, self.stop_reason = sd["best"], sd["stop_reason"]
+        self.best_epoch, self.best_val_acc, self.best_weights = b["epoch"], b["val_acc"], b["weights"]
 
-# %% ../nbs/05_train.ipynb #008f7c23
+# %% ../nbs/05_train.ipynb #10108998
 def setup_training(cfg:TrainConfig, # the run's config
                    data:ExpertData, # from `prepare_expert_data`
                    device:torch.device, # from `pick_device(cfg.device)`
-                   teachers:list|None=None, # a resumed student's teacher folders (its checkpoint's); None: found from `cfg.distill_from`
+                   saved:dict|None=None, # the checkpoint a resumed run continues from (its objective's entries); None: a fresh run
                   )->TrainState:
-    "Build the model, optimizer, schedule, scaler, EMA, augmentation, training loader (and a student's teacher) for `cfg`."
+    "Build the model, optimizer, schedule, scaler, EMA, augmentation, training loader and objective for `cfg`."
     ds = data.dataset
     loader = DeviceLoader(ds.train_x[data.train_idx], ds.train_y[data.train_idx], cfg.batch_size, shuffle=True,
                           drop_last=True, seed=cfg.seed, device=device)
@@ -121,22 +130,21 @@ def setup_training(cfg:TrainConfig, # the run's config
     net = torch.compile(model) if cfg.compile else model
     opt = make_optimizer(model, cfg, device)
     dtype = amp_dtype(cfg.precision, device)
-    teacher = build_teacher(cfg, data.num_classes, device, autocast_for(dtype, device), teachers)
+    objective = _objective(cfg)(cfg, data.num_classes, device, autocast_for(dtype, device), saved)
     return TrainState(cfg, device, model, net, opt, make_scheduler(opt, cfg, steps),
                       torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                       EMA(model, cfg.ema_decay) if cfg.ema else None, torch.Generator(device), loader,
                       TrainAugment(ds.mean, ds.std, cfg.crop_padding, cfg.hflip, cfg.random_erasing, compile=cfg.compile),
-                      autocast_for(dtype, device), data.num_classes, steps, teacher=teacher)
+                      autocast_for(dtype, device), data.num_classes, steps, objective=objective)
 
-# %% ../nbs/05_train.ipynb #10108998
+# %% ../nbs/05_train.ipynb #cab3ba5f
 def train_epoch(st:TrainState, # the run's state, updated in place
                 stop=None, # object whose `.requested` ends the epoch between two steps; None never stops
                 bar=None, # a progress bar with `.update()` and `.close()`, closed when the epoch returns; None shows nothing
                )->dict|None:
     "Train one epoch (or the rest of an interrupted one); return its summary, or None if `stop` ended it early."
     cfg, C = st.cfg, st.num_classes
-    st.net.train()
-    st.loader.set_epoch(st.epoch)
+    st.net.train(); st.loader.set_epoch(st.epoch)
     if st.step == 0:
         st.gen.manual_seed(epoch_seed(cfg.seed, st.epoch + 1))  # augmentation: the seed the loader gives the next epoch
         st.partial = dict(losses=torch.zeros(st.steps, device=st.device), seconds=0.0,
@@ -151,8 +159,7 @@ def train_epoch(st:TrainState, # the run's state, updated in place
                          rng=np.random.default_rng((cfg.seed, st.epoch, i)))
         if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
         with st.autocast(): logits = st.net(x)
-        loss = (soft_cross_entropy(logits, t) if st.teacher is None  # a student: the teacher sees the very batch it saw
-                else distill_loss(logits, st.teacher(x), t, cfg.distill_temperature, cfg.distill_alpha))
+        loss = st.objective(logits, x, t)  # `x`: the very batch the network saw
         st.opt.zero_grad(set_to_none=True)
         st.scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
@@ -182,17 +189,13 @@ class _StopOnSignal:
     "While active, the first SIGINT/SIGTERM sets `.requested` (the loop stops between steps); a second one interrupts."
     signals = (signal.SIGINT, signal.SIGTERM)
     def __init__(self): self.requested, self.signame, self.prev = False, None, {}
-
     def _handle(self, signum, frame):
         if self.requested: raise KeyboardInterrupt
         self.requested, self.signame = True, signal.Signals(signum).name
-
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # handlers can only be set from the main thread
-            for s in self.signals:
-                self.prev[s] = signal.getsignal(s); signal.signal(s, self._handle)
+            for s in self.signals: self.prev[s] = signal.getsignal(s); signal.signal(s, self._handle)
         return self
-
     def __exit__(self, *exc):
         for s, h in self.prev.items(): signal.signal(s, h if h is not None else signal.SIG_DFL)
 
@@ -276,7 +279,7 @@ def _nan_message(st, s, ckpt_dir):
     return (f"non-finite loss (NaN or inf) at epoch {st.epoch + 1}, step {s['first_bad_step']} of {st.steps}; stopped "
             f"without saving that epoch ({kept}). Try a lower lr, gradient clipping (grad_clip) or fp32 precision.")
 
-# %% ../nbs/05_train.ipynb #bf4d8963
+# %% ../nbs/05_train.ipynb #8a8f90e5
 @dataclass(repr=False)
 class TrainResult:
     "What a run leaves: the per-epoch history, the final metrics, the evaluated model and the data."
@@ -298,7 +301,7 @@ def _metrics(st, outcome, saved, test):
                 best_val_acc=st.best_val_acc, best_weights=st.best_weights if st.best_val_acc is not None else None,
                 test_loss=t.get("loss"), test_acc=t.get("acc"), test_top5=t.get("top5"), per_class_acc=t.get("per_class_acc"),
                 confusion=t.get("confusion"), resumed_from_epoch=None if saved is None else saved["epoch"],
-                restarts=st.restarts, error=outcome.error, stop_signal=outcome.signal, stopped_at=outcome.stopped_at, **({} if st.teacher is None else dict(teachers=st.teacher.run_dirs)))
+                restarts=st.restarts, error=outcome.error, stop_signal=outcome.signal, stopped_at=outcome.stopped_at, **st.objective.metrics())
 
 def _test_set(st, data, outcome, out):
     "Evaluate the tested weights on the test set, once, if the run ended with weights worth testing; else None."
@@ -315,14 +318,13 @@ def _call(hooks, name, *args):
     for h in hooks:
         if (f := getattr(h, name, None)) is not None: f(*args)
 
-# %% ../nbs/05_train.ipynb #8a8f90e5
+# %% ../nbs/05_train.ipynb #ab16313a
 def _start_lines(st, data, val):
     cfg = st.cfg
     yield (f"training {cfg.model} on {cfg.dataset}, expert {cfg.expert_id} of {cfg.n_experts} ({cfg.partition}): "
            f"{len(data.train_idx)} training images, {len(data.val_idx)} validation, {st.steps} steps of "
            f"{cfg.batch_size} per epoch, {st.device}, {amp_dtype(cfg.precision, st.device) or torch.float32}")
-    if st.teacher is not None: yield (f"distilling from {len(st.teacher.experts)} experts of {cfg.distill_from} (temperature "
-                                      f"{cfg.distill_temperature}, soft-target weight {cfg.distill_alpha})")
+    yield from st.objective.start_lines()
     if val is None: yield "no validation set (val_size=0): early stopping is off; the final weights are evaluated"
 
 def _checked_data(cfg, data):
@@ -345,7 +347,7 @@ def _restore(st, saved, best, ckpt_dir, out):
         out.write(f"warning: {ckpt_dir/'best.pt'} is missing: unless a later epoch validates better, the test set "
                   f"will be evaluated with the final weights, not those of epoch {st.best_epoch}")
 
-# %% ../nbs/05_train.ipynb #c6057e13
+# %% ../nbs/05_train.ipynb #4aa0355a
 def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
           run_dir:str|Path|None=None, # run folder: checkpoints go to run_dir/checkpoints; None keeps nothing on disk
           hooks:Sequence=(), # objects with optional `on_epoch_end(record, state)` and `on_train_end(result)`
@@ -364,7 +366,7 @@ def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
         data = _checked_data(cfg, data)
         val = eval_loader(data, "val", 2*cfg.batch_size, device) if len(data.val_idx) else None
         # model, optimizer, schedule; then the checkpoint's state
-        st = setup_training(cfg, data, device, saved and saved.get("teachers"))
+        st = setup_training(cfg, data, device, saved)
         out = Progress(mode, cfg.epochs, initial=saved["epoch"] if saved else 0)
         for line in _start_lines(st, data, val): out.write(line)
         if saved is not None: _restore(st, saved, best, ckpt_dir, out)

@@ -142,16 +142,16 @@ def test_the_teacher_sees_the_students_exact_batch_without_autograd(experts):
     st = setup_training(cfg, prepare_expert_data(cfg), torch.device("cpu"))
     seen = dict(student=[], teacher=[])
     st.model.register_forward_pre_hook(lambda m, a: seen["student"].append((a[0].clone(), torch.is_grad_enabled(), m.training)))
-    for m in st.teacher.experts:
+    for m in st.objective.teacher.experts:
         m.register_forward_pre_hook(lambda m, a: seen["teacher"].append((a[0].clone(), torch.is_grad_enabled(), m.training)))
     train_epoch(st)
-    assert st.teacher.run_dirs == [str(d) for d in dirs] and len(seen["student"]) == cfg.steps_per_epoch
+    assert st.objective.teacher.run_dirs == [str(d) for d in dirs] and len(seen["student"]) == cfg.steps_per_epoch
     assert len(seen["teacher"]) == 2*cfg.steps_per_epoch  # each expert once per step
     for i, (x, grad, training) in enumerate(seen["student"]):
         assert grad and training
         for x_t, grad_t, training_t in seen["teacher"][2*i:2*i + 2]:
             assert torch.equal(x_t, x) and not grad_t and not training_t  # the same augmented, mixed batch; no graph; eval mode
-    assert not any(p.requires_grad for p in st.teacher.parameters())
+    assert not any(p.requires_grad for p in st.objective.teacher.parameters())
 
 
 def test_alpha_zero_trains_exactly_as_the_labels_do(experts):
@@ -239,3 +239,19 @@ def test_a_student_stopped_mid_epoch_resumes_exactly(experts, tmp_path, monkeypa
     done = train(cfg, run_dir=tmp_path, progress="none")
     assert (done.metrics["status"], done.metrics["resumed_from_epoch"]) == ("completed", 1)
     same_run(done, train(cfg, progress="none"))
+
+
+@pytest.mark.slow
+def test_a_student_trains_through_the_runbook(experts, tmp_path):
+    "`expert-lab distill` runs the student through papermill: the runbook brings in its objective and the student learns."
+    from conftest import isolated_env, run_cli
+    root, dirs = experts
+    copies = _copy_group(root, dirs, tmp_path/"runs")
+    env = isolated_env(tmp_path, EXPERT_LAB_RUNS_DIR=str(tmp_path/"runs"))
+    r = run_cli(tmp_path, "distill", "--model", "wideresnet10_1", "--partition", "iid-2", "--epochs", "1", "--restart-period", "1",
+                "--steps-per-epoch", "2", "--batch-size", "32", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    [run] = (tmp_path/"runs"/"wideresnet10_1"/"distill-iid-2"/"expert-0").iterdir()
+    m = json.loads((run/"metrics.json").read_text())
+    assert m["status"] == "completed" and m["teachers"] == [str(c) for c in copies], m
+    assert load_checkpoint(run/"checkpoints"/"last.pt")["teachers"] == m["teachers"]  # a resume keeps its teachers

@@ -100,3 +100,10 @@ def test_the_runbook_imports_only_the_kernel_side():
     cells = json.loads((PKG.parent/"nbs"/"train_expert.ipynb").read_text())["cells"]
     code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     assert "from expert_lab.notebook_run import" in code and "expert_lab.execute" not in code
+
+
+def test_the_training_loop_knows_only_training():
+    "train.py reaches no distillation, nor the layers a student looks its teachers up with, however deep (function bodies too)."
+    reach = _reach("expert_lab.train", _modules())
+    assert "expert_lab.distill" not in reach
+    assert reach.isdisjoint({"expert_lab.ensemble", "expert_lab.catalog", "expert_lab.runs", "expert_lab.preflight", "expert_lab.cli"})
