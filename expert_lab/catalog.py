@@ -5,16 +5,17 @@ damaged folder is one row that says what is wrong instead of an error that hides
 
 # %% ../nbs/06e_catalog.ipynb #4cb58fe7
 from __future__ import annotations
-import csv, io, numbers
+import csv, io, numbers, sys
 from pathlib import Path
 
-from .config import project_path, resolve_config
+from .config import TrainConfig, project_path, resolve_config
 from .files import DamagedFile, format_table, read_json
 from .lock import run_state
 
 # %% auto #0
-__all__ = ['STATUSES', 'ROW_STATUSES', 'ROW_COLUMNS', 'json_file', 'check_metrics', 'history_epoch', 'read_run', 'runs_folder',
-           'list_runs', 'format_runs', 'damaged_note']
+__all__ = ['STATUSES', 'ROW_STATUSES', 'ROW_COLUMNS', 'RUN_COLUMNS', 'json_file', 'check_metrics', 'history_epoch', 'read_run',
+           'runs_folder', 'list_runs', 'format_runs', 'damaged_note', 'run_label', 'runs_frame', 'latest_completed',
+           'group_size', 'run_histories']
 
 # %% ../nbs/06e_catalog.ipynb #43a0972a
 def json_file(run_dir:str|Path, # a run folder
@@ -106,10 +107,11 @@ def read_run(run_dir:str|Path # a run folder
                 started=m.get("started"), path=str(run_dir), reason=reason)
 
 # %% ../nbs/06e_catalog.ipynb #ec18fa02
-def runs_folder(root:str|Path|None=None # runs folder; None: `runs_dir` from the settings and environment
+def runs_folder(root:str|Path|TrainConfig|None=None # runs folder, or a config whose `runs_dir` names it; None: the settings'
                )->Path:
-    "The folder that holds all run folders."
-    return project_path(root if root is not None else resolve_config({})[0].runs_dir)
+    "The folder that holds all run folders; a relative one is relative to the project root."
+    if root is None: root = resolve_config({})[0]
+    return project_path(root.runs_dir if isinstance(root, TrainConfig) else root)
 
 def list_runs(root:str|Path|None=None, # runs folder; default from the site settings
               model:str|None=None, # keep only this model
@@ -140,3 +142,65 @@ def damaged_note(rows:list[dict], # from `list_runs`
     if not bad: return None
     named = "; ".join(f"{r['path']} ({r['reason']})" for r in bad[:show]) + (f"; and {len(bad) - show} more" if len(bad) > show else "")
     return f"expert-lab: warning: skipped {len(bad)} damaged run folder{'s' * (len(bad) > 1)}: {named} (`expert-lab runs --status damaged` lists them)"
+
+# %% ../nbs/06e_catalog.ipynb #acc8498c
+def run_label(path:str|Path # a run folder
+             )->str:
+    "The run's last four path parts: `<model>/<partition>-<n>/expert-<k>/<stamp>`."
+    return "/".join(Path(path).parts[-4:])
+
+# %% ../nbs/06e_catalog.ipynb #7dbec0de
+RUN_COLUMNS = ("run", "model", "partition", "expert", "status", "best_val_acc", "test_acc", "epochs", "duration_s",
+               "slurm_job", "started", "path")
+
+def _readable(rows:list # rows from `list_runs`
+             )->list:
+    "The rows that are not `damaged`; one warning line on stderr for each that is."
+    for r in rows:
+        if r.get("status") == "damaged": print(f"warning: skipping damaged run folder {r.get('path')}: {r.get('reason') or 'unreadable'}", file=sys.stderr)
+    return [r for r in rows if r.get("status") != "damaged"]
+
+def runs_frame(root:str|Path|None=None, # runs folder; None = the site settings' runs_dir
+               model:str|None=None, # keep only this model ("" or None: all)
+               partition:str|None=None, # "iid" or "iid-4" ("" or None: all)
+               status:str|None=None, # completed, failed, running, interrupted ("" or None: all)
+              )->pd.DataFrame:
+    "The runs under `root` as a DataFrame, best test accuracy first, runs without one last."
+    import pandas as pd  # here, not at the top: `expert-lab runs` and every training kernel read the catalog without tables
+    rows = _readable(list_runs(root or None, model=model or None, partition=partition or None))
+    rows = [r for r in rows if not status or r.get("status") == status]  # filtered here, so damaged folders are always named
+    df = pd.DataFrame([{**r, "run": run_label(r["path"])} for r in rows], columns=list(RUN_COLUMNS))
+    df = df.astype({"best_val_acc": float, "test_acc": float})
+    return df.sort_values(["test_acc", "best_val_acc"], ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+
+# %% ../nbs/06e_catalog.ipynb #ad400ee5
+def latest_completed(runs:pd.DataFrame, # from `runs_frame`, already filtered to one model and partition kind
+                     n_experts:int=0, # experts in the group; 0 = the group of the newest completed run
+                    )->pd.DataFrame:
+    "The newest completed run of each expert of one partition group, ordered by expert."
+    done = runs[runs.status == "completed"].sort_values("started", ascending=False, kind="stable")
+    if n_experts: done = done[done.partition.str.rsplit("-", n=1).str[1] == str(n_experts)]
+    elif len(done): done = done[done.partition == done.partition.iloc[0]]
+    return done.drop_duplicates("expert").sort_values("expert").reset_index(drop=True)
+
+def group_size(runs:pd.DataFrame # from `latest_completed`: one partition group
+              )->int:
+    "The number of experts of the group, read from its partition label (`iid-4` -> 4); 0 for an empty table."
+    return int(runs.partition.iloc[0].rsplit("-", 1)[1]) if len(runs) else 0
+
+# %% ../nbs/06e_catalog.ipynb #59925342
+def _history(path:Path # a history.csv
+            )->pd.DataFrame|None:
+    "The table in `path`, or None (with one warning line on stderr) when it cannot be parsed."
+    import pandas as pd
+    try: return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        print(f"warning: skipping unreadable {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+
+def run_histories(runs:pd.DataFrame # from `runs_frame`
+                 )->pd.DataFrame:
+    "Every run's history.csv stacked into one table with the run's label, model, partition and expert."
+    import pandas as pd
+    frames = [(_history(Path(r.path)/"history.csv"), r) for r in runs.itertuples() if (Path(r.path)/"history.csv").exists()]
+    frames = [f.assign(run=r.run, model=r.model, partition=r.partition, expert=r.expert) for f, r in frames if f is not None and len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "model", "partition", "expert", "epoch", "val_acc"])

@@ -139,7 +139,7 @@ def _command_line()->str:
     import shlex
     return shlex.join(["expert-lab", *sys.argv[1:]])
 
-def _check_options(ns, jobs):
+def _check_train_options(ns, jobs):
     if ns.parallel < 1: raise ConfigError(f"parallel: must be >= 1, got {ns.parallel}")
     if ns.run_dir and (len(jobs) != 1 or ns.executor != "local"):
         raise ConfigError(f"run_dir: --run-dir names one local run folder: it needs exactly one --expert-id "
@@ -155,7 +155,7 @@ def cmd_train(ns):
         return run_sweep(args, ns.expert_id, sweep_id=ns.sweep, parallel=ns.parallel, executor=ns.executor, dry_run=ns.dry_run,
                          yes=ns.yes, retry_failed=ns.retry_failed, slurm_opts=_slurm_overrides(ns), command=_command_line())
     jobs = resolve_experts(args, ns.expert_id)
-    _check_options(ns, jobs)
+    _check_train_options(ns, jobs)
     if ns.run_dir: ns.run_dir = str(Path(ns.run_dir).resolve())  # relative to where the command was typed
     check_train(jobs, ns.run_dir)
     if ns.executor == "slurm":
@@ -224,8 +224,8 @@ def cmd_compare(ns):
 
 def cmd_ensemble(ns):
     "Execute the ensemble notebook for one model and partition, after checking its experts can be combined."
-    from expert_lab.catalog import list_runs
-    from expert_lab.ensemble import check_experts, ensemble_warnings, group_size, latest_completed, runs_frame
+    from expert_lab.catalog import group_size, latest_completed, list_runs, runs_frame
+    from expert_lab.ensemble import check_experts, ensemble_warnings
     from expert_lab.execute import report_notebook
     rows = list_runs(model=ns.model, partition=ns.partition)
     _warn_damaged(rows)

@@ -8,7 +8,7 @@ import json, logging, os, shutil, signal, sys, tempfile, threading, weakref
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import KERNEL_NAME, TrainConfig, project_root, resolve_config
+from .config import KERNEL_NAME, TrainConfig, project_root
 from .files import DiskError, atomic_write, read_json
 from .runs import RunFailed, finish_record, new_run_dir, run_summary, start_record
 
@@ -247,8 +247,8 @@ def report_notebook(name:str, # runbook in nbs/: compare_runs, ensemble, sweep_r
                    )->Path:
     "Execute an analysis runbook into runs/reports/<timestamp>-<name>/ and return the HTML report's path."
     import datetime as dt, secrets
-    from expert_lab.runs import runs_root
-    if root is None: root = runs_root(resolve_config({})[0])
+    from expert_lab.catalog import runs_folder
+    if root is None: root = runs_folder()
     src = runbook(name)  # a missing runbook is said before anything is created
     out = Path(root)/"reports"/f"{dt.datetime.now():%Y%m%d-%H%M%S}-{name}-{secrets.token_hex(2)}"
     out.mkdir(parents=True)

@@ -8,21 +8,16 @@ import datetime as dt, os, platform, secrets, subprocess, sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import FIELD_TYPES, ConfigError, TrainConfig, config_from_dict, project_root, project_path
+from .config import FIELD_TYPES, ConfigError, TrainConfig, config_from_dict, project_root
 from .files import read_json, write_json
+from .catalog import runs_folder
 
 # %% auto #0
-__all__ = ['HISTORY_COLUMNS', 'runs_root', 'run_group', 'expert_dir', 'new_run_dir', 'provenance', 'earlier_duration',
-           'start_record', 'record_provenance', 'finish_record', 'load_run_config', 'run_summary', 'RunFailed',
-           'write_group_summary']
+__all__ = ['HISTORY_COLUMNS', 'run_group', 'expert_dir', 'new_run_dir', 'provenance', 'earlier_duration', 'start_record',
+           'record_provenance', 'finish_record', 'load_run_config', 'run_summary', 'RunFailed', 'write_group_summary']
 
 # %% ../nbs/06_runs.ipynb #ec1f5b10
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec")
-
-def runs_root(cfg:TrainConfig # resolved config; a relative `runs_dir` resolves against the project root
-             )->Path:
-    "The folder that holds all run folders."
-    return project_path(cfg.runs_dir)
 
 def run_group(cfg:TrainConfig # resolved config
              )->str:
@@ -34,7 +29,7 @@ def run_group(cfg:TrainConfig # resolved config
 def expert_dir(cfg:TrainConfig # resolved config
               )->Path:
     "The folder holding every run of this model, partition (or distillation) and expert."
-    return runs_root(cfg)/cfg.model/run_group(cfg)/f"expert-{cfg.expert_id}"
+    return runs_folder(cfg)/cfg.model/run_group(cfg)/f"expert-{cfg.expert_id}"
 
 def new_run_dir(cfg:TrainConfig, # resolved config
                 stamp:str|None=None, # folder name; default: the current time plus a random suffix

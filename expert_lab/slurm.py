@@ -15,7 +15,8 @@ import expert_lab
 from .config import ConfigError, TrainConfig, project_root, read_settings
 from .files import read_json, write_json
 from .execute import run_expert
-from .runs import expert_dir, new_run_dir, runs_root
+from .catalog import runs_folder
+from .runs import expert_dir, new_run_dir
 
 # %% auto #0
 __all__ = ['SlurmError', 'SlurmUnavailable', 'SlurmResources', 'slurm_resources', 'cluster_partitions', 'check_slurm_resources',
@@ -260,7 +261,7 @@ def submit_experts(cfgs_and_sources:list, # [(TrainConfig, sources), ...], one p
         array = array_spec(range(len(cfgs)), res.array_parallelism) if len(cfgs) > 1 else None  # one expert: a plain job
         print(_plan(cfgs, opts, array, note))
         return [(None, expert_dir(c)) for c in cfgs]
-    log_dir = runs_root(cfgs[0])/"slurm-logs"/f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    log_dir = runs_folder(cfgs[0])/"slurm-logs"/f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     ex = submitit.SlurmExecutor(folder=log_dir/"%j")
     ex.update_parameters(**{k.replace("-", "_"): v for k, v in opts.items()}, job_name="expert-lab", setup=_job_setup(),
                          array_parallelism=res.array_parallelism or len(cfgs), additional_parameters={"hold": True})

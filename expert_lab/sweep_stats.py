@@ -6,9 +6,8 @@
 from __future__ import annotations
 from pathlib import Path
 
-from .config import resolve_config
-from .runs import runs_root
-from .sweeps import load_sweep, point_label, run_state, sweep_rows
+from .catalog import runs_folder
+from .sweeps import load_sweep, point_label, recorded_state, sweep_rows
 
 # %% auto #0
 __all__ = ['sweep_frame', 'report_keys', 'point_summary', 'plot_key', 'ensemble_summary', 'sweep_report']
@@ -18,7 +17,7 @@ def sweep_frame(rec:dict # a sweep record
                ):
     "The runs of a sweep as a DataFrame: point values, expert, state, accuracies and run folder."
     import pandas as pd
-    df = pd.DataFrame(sweep_rows(rec, [run_state(r) for r in rec["runs"]]))
+    df = pd.DataFrame(sweep_rows(rec, [recorded_state(r) for r in rec["runs"]]))
     return df.astype({"best_val_acc": float, "test_acc": float})
 
 def report_keys(rec:dict # a sweep record
@@ -96,6 +95,6 @@ def sweep_report(sid:str, # sweep id
                 )->Path:
     "Execute nbs/sweep_report.ipynb for sweep `sid`; return the HTML report's path."
     from expert_lab.execute import report_notebook
-    root = Path(root) if root else runs_root(resolve_config({})[0])
+    root = Path(root) if root else runs_folder()
     load_sweep(sid, root)  # a sweep that does not exist is one line, before a kernel starts
     return report_notebook("sweep_report", dict(sweep_id=sid), root)

@@ -11,13 +11,14 @@ from pathlib import Path
 from .config import ConfigError, TrainConfig, check_key, coerce, resolve_config
 from .files import format_table, read_json, write_csv, write_json
 from .execute import run_expert
-from .runs import RunFailed, new_run_dir, runs_root
+from .catalog import runs_folder
+from .runs import RunFailed, new_run_dir
 
 # %% auto #0
 __all__ = ['NO_SWEEP', 'MAX_RUNS', 'sweep_values', 'grid_points', 'point_label', 'resolve_grid', 'sweep_id', 'check_sweep_id',
-           'sweep_path', 'new_record', 'grid_difference', 'run_state', 'sweep_states', 'runs_to_do', 'sweep_rows',
-           'write_summary', 'train_run', 'submit_runs', 'list_sweeps', 'load_sweep', 'open_sweep', 'describe_sweep',
-           'run_sweep']
+           'sweep_path', 'new_record', 'grid_difference', 'recorded_state', 'sweep_states', 'runs_to_do', 'sweep_rows',
+           'write_sweep_summary', 'train_run', 'submit_runs', 'list_sweeps', 'load_sweep', 'open_sweep',
+           'describe_sweep', 'run_sweep']
 
 # %% ../nbs/07a_sweeps.ipynb #489e1166
 NO_SWEEP = ("data_root", "runs_dir", "device", "wandb_project", "wandb_mode")
@@ -96,14 +97,14 @@ def sweep_path(root:str|Path, # the runs folder
     return Path(root)/"sweeps"/sid/"sweep.json"
 
 # %% ../nbs/07a_sweeps.ipynb #70ab0ca5
-def _now(): return dt.datetime.now().isoformat(timespec="seconds")
+def _timestamp(): return dt.datetime.now().isoformat(timespec="seconds")
 
 def new_record(sid:str, # sweep id
                grid:dict, # swept key -> values
                runs:list[dict], # from `resolve_grid`
               )->dict:
     "A sweep record whose runs have no folders yet."
-    return dict(id=sid, created=_now(), grid=grid, n_runs=len(runs), invocations=[], runs=[{**r, "run_dir": None} for r in runs])
+    return dict(id=sid, created=_timestamp(), grid=grid, n_runs=len(runs), invocations=[], runs=[{**r, "run_dir": None} for r in runs])
 
 def _key(r): return f"{point_label(r['point'])} expert {r['expert_id']}"
 def _shown(point): return {k: str(v) for k, v in point.items()}  # 1e-05 stays 1e-05 in a table
@@ -123,10 +124,10 @@ def grid_difference(rec:dict, # a recorded sweep
 # %% ../nbs/07a_sweeps.ipynb #08dbf6ab
 _ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING", "REQUEUE_HOLD", "REQUEUE_FED"}
 
-def run_state(run:dict, # one run of a sweep record
-              slurm:dict|None=None, # Slurm job id -> state, for runs submitted to Slurm
-             )->str:
-    "pending, completed, failed, interrupted or in_slurm."
+def recorded_state(run:dict, # one run of a sweep record
+                   slurm:dict|None=None, # Slurm job id -> state, for runs submitted to Slurm
+                  )->str:
+    "pending, completed, failed, interrupted or in_slurm, from the files and Slurm; the run lock is not asked."
     if not run.get("run_dir"): return "pending"
     status = (read_json(Path(run["run_dir"])/"metrics.json", {}) or {}).get("status")
     if status in ("completed", "failed"): return status
@@ -140,7 +141,7 @@ def sweep_states(rec:dict # a sweep record
     if jobs:
         from expert_lab.slurm import slurm_states
         slurm = slurm_states(jobs)
-    return [run_state(r, slurm) for r in rec["runs"]]
+    return [recorded_state(r, slurm) for r in rec["runs"]]
 
 def runs_to_do(states:list[str], # from `sweep_states`
                retry_failed:bool=False, # also run the failed ones again
@@ -154,7 +155,7 @@ def sweep_rows(rec:dict, # a sweep record
                states:list[str]|None=None, # from `sweep_states`; default: read them
               )->list[dict]:
     "One row per run: the point's values, expert, state, accuracies, error and run folder."
-    states = states or [run_state(r) for r in rec["runs"]]
+    states = states or [recorded_state(r) for r in rec["runs"]]
     rows = []
     for r, s in zip(rec["runs"], states):
         m = (read_json(Path(r["run_dir"])/"metrics.json", {}) or {}) if r.get("run_dir") else {}
@@ -162,10 +163,10 @@ def sweep_rows(rec:dict, # a sweep record
                      "test_acc": m.get("test_acc"), "error": m.get("error") if s == "failed" else None, "run_dir": r.get("run_dir")})
     return rows
 
-def write_summary(rec:dict, # a sweep record
-                  path:Path, # its sweep.json
-                  errors:dict|None=None, # run index -> error of this invocation (failures before metrics.json was written)
-                 )->str:
+def write_sweep_summary(rec:dict, # a sweep record
+                        path:Path, # its sweep.json
+                        errors:dict|None=None, # run index -> error of this invocation (failures before metrics.json was written)
+                       )->str:
     "Write summary.csv beside the record and return the summary as a table."
     rows = sweep_rows(rec)
     for i, err in (errors or {}).items():
@@ -231,19 +232,17 @@ def load_sweep(sid:str, # sweep id
                           + (f"recorded sweeps: {', '.join(there[:10])}" if there else "there are no recorded sweeps"))
     return rec, path
 
-def _root(args):
-    return runs_root(resolve_config({k: v for k, v in args.items() if check_key(k) == "runs_dir"})[0])
-
 def open_sweep(args:dict, # config values from the command line; lists sweep
                expert_spec:str|None=None, # which experts, as for `expert-lab train --expert-id`
                sid:str|None=None, # a sweep id to continue or to name a new sweep; default: from the grid
               )->tuple[dict, Path]:
     "The sweep record this command means (recorded, or new and not yet written) and its path."
     grid = sweep_values(args)
-    if sid is not None and not grid and expert_spec is None: return load_sweep(sid, _root(args))
+    if sid is not None and not grid and expert_spec is None: return load_sweep(sid, runs_folder(
+        resolve_config({k: v for k, v in args.items() if check_key(k) == "runs_dir"})[0]))
     runs = resolve_grid(args, expert_spec)
     sid = check_sweep_id(sid) if sid is not None else sweep_id(runs, list(grid))
-    path = sweep_path(runs_root(TrainConfig(**runs[0]["config"])), sid)
+    path = sweep_path(runs_folder(TrainConfig(**runs[0]["config"])), sid)
     if (rec := read_json(path)) is None: return new_record(sid, grid, runs), path
     if why := grid_difference(rec, runs):
         raise ConfigError(f"sweep {sid}: this grid differs from the recorded one ({why}); "
@@ -271,7 +270,7 @@ def describe_sweep(rec:dict, # a sweep record
 # %% ../nbs/07a_sweeps.ipynb #d45ee9ad
 MAX_RUNS = 500
 
-def _check_options(parallel, executor):
+def _check_sweep_options(parallel, executor):
     if executor not in ("local", "slurm"): raise ConfigError(f"executor: {executor!r} is not one of local, slurm")
     if not isinstance(parallel, int) or parallel < 1: raise ConfigError(f"parallel: must be an integer >= 1, got {parallel!r}")
     if parallel > 1 and executor == "slurm":
@@ -303,7 +302,7 @@ def run_sweep(args:dict, # config values from the command line; comma-separated 
               command:str|None=None, # the command line, for the record
              )->int:
     "Train every run of the grid that is not done yet; return the exit status."
-    _check_options(parallel, executor)
+    _check_sweep_options(parallel, executor)
     rec, path = open_sweep(args, expert_spec, sweep_id)
     states = sweep_states(rec)
     todo = runs_to_do(states, retry_failed)
@@ -319,12 +318,12 @@ def run_sweep(args:dict, # config values from the command line; comma-separated 
                           f"(--dry-run shows the grid)")
     _ensure_data(rec, todo)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rec["invocations"].append(dict(at=_now(), command=command or shlex.join(sys.argv), executor=executor, runs=len(todo)))
+    rec["invocations"].append(dict(at=_timestamp(), command=command or shlex.join(sys.argv), executor=executor, runs=len(todo)))
     write_json(path, rec)
     if executor == "slurm":
         for job, d in (submit_runs(rec, todo, path, slurm_opts) if todo else []): print(f"{job}\t{d}")
         print(f"sweep {rec['id']}: submitted {len(todo)} run(s); record {path}")
         return 0
     errors = _run_local(rec, todo, path, parallel)
-    print(write_summary(rec, path, errors))
+    print(write_sweep_summary(rec, path, errors))
     return 0 if not errors and all(s == "completed" for s in sweep_states(rec)) else 1

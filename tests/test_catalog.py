@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from expert_lab.catalog import damaged_note, format_runs, list_runs, read_run
+from expert_lab.catalog import damaged_note, format_runs, latest_completed, list_runs, read_run, runs_frame
 from expert_lab.files import write_csv, write_json
 
 
@@ -89,6 +89,16 @@ def test_default_root_follows_the_environment(runs, monkeypatch, tmp_path):
     monkeypatch.setenv("EXPERT_LAB_SETTINGS", os.devnull)
     assert len(list_runs()) == len(good) + len(bad)
     assert len(list_runs(model="resnet18")) == 1 and list_runs(partition="iid-4") == []
+
+
+def test_runs_frame_skips_a_damaged_folder_by_name(tmp_path, capsys):
+    good, bad = make_run(tmp_path, k=0), make_run(tmp_path, k=1)
+    (bad/"metrics.json").write_text('{"status": "completed", "test_')
+    runs = runs_frame(tmp_path, "wideresnet10_1", "iid")
+    assert runs.expert.tolist() == [0]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: skipping damaged run folder {bad}: metrics.json: not valid JSON")
+    assert latest_completed(runs).path.tolist() == [str(good)]
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads every file")

@@ -14,7 +14,7 @@ from expert_lab.checkpoint import save_checkpoint
 from expert_lab.config import TrainConfig
 from expert_lab.data import load_dataset, validation_split
 from expert_lab.ensemble import (check_experts, combine_gated, experts_outputs, fit_gate, heldout_indices, predict_probs,
-                                 runs_frame, latest_completed, load_expert)
+                                 load_expert)
 from expert_lab.files import write_json
 from expert_lab.models import create_model
 
@@ -93,16 +93,6 @@ def test_check_experts_refuses_bad_groups(tmp_path, experts):
     write_json(running/"metrics.json", dict(status="running"))
     assert "not a completed run (status 'running')" in one_line_error([dirs[0], running])
     assert "not a readable run folder" in one_line_error([dirs[0], tmp_path/"nowhere"])
-
-
-def test_runs_frame_skips_a_damaged_folder_by_name(tmp_path, capsys):
-    good, bad = fake_expert(tmp_path, 0), fake_expert(tmp_path, 1)
-    (bad/"metrics.json").write_text('{"status": "completed", "test_')
-    runs = runs_frame(tmp_path, MODEL, "iid")
-    assert runs.expert.tolist() == [0]
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith(f"warning: skipping damaged run folder {bad}: metrics.json: not valid JSON")
-    assert latest_completed(runs).path.tolist() == [str(good)]
 
 
 def notebook_text(path:Path)->tuple[str, list]:
