@@ -15,7 +15,7 @@ from .files import DiskError, atomic_write
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'SAME_RUN', 'IN_BEST', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
            'strip_compile_prefix', 'tested_kind', 'tested_weights', 'check_same_run', 'best_checkpoint',
-           'finished_state', 'save_epoch', 'load_resume', 'disk_failure_line']
+           'finished_state', 'save_epoch', 'load_resume', 'saved_record', 'disk_failure_line']
 
 # %% ../nbs/05a_checkpoint.ipynb #9654f78c
 CHECKPOINT_FORMAT = "expert-lab-checkpoint/1"
@@ -187,6 +187,15 @@ def _saved_epoch(ckpt_dir:Path)->str:
     try: ck = load_checkpoint(ckpt_dir/"last.pt")
     except CheckpointError: return "no checkpoint was saved yet"
     return f"checkpoints/last.pt of epoch {ck['epoch']}" + (f" (step {ck['step']} of the next)" if ck.get("step") else "") + " is intact"
+
+def saved_record(ckpt_dir:Path|None # the run's checkpoints folder
+                )->dict:
+    "The progress the run's `last.pt` holds, as metrics fields: all a run whose next save failed may claim."
+    try: ck = load_checkpoint(Path(ckpt_dir)/"last.pt") if ckpt_dir is not None else None
+    except CheckpointError: ck = None
+    b = ck["best"] if ck else {}
+    return dict(epochs_done=ck["epoch"] if ck else 0, best_epoch=b.get("epoch"), best_val_acc=b.get("val_acc"),
+                best_weights=b.get("weights") if b.get("val_acc") is not None else None)
 
 def disk_failure_line(e:DiskError, # what the disk refused
                       ckpt_dir:Path|None, # the run's checkpoints folder; None when the run keeps nothing on disk

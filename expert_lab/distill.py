@@ -14,8 +14,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
-from .recipe import soft_cross_entropy
-from .train import OBJECTIVES
+from .recipe import OBJECTIVES, soft_cross_entropy
 # run folders and ensembles (catalog, runs, ensemble) are imported where they are used: a student's run loads them
 # only when it looks its teachers up
 

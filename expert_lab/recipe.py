@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
-from .checkpoint import strip_compile_prefix
+from .config import ConfigError, TrainConfig
+from .checkpoint import CheckpointError, strip_compile_prefix
 
 # %% auto #0
-__all__ = ['soft_cross_entropy', 'lr_factor', 'make_scheduler', 'param_groups', 'make_optimizer', 'EMA', 'amp_dtype',
-           'autocast_for', 'determinism']
+__all__ = ['OBJECTIVES', 'soft_cross_entropy', 'lr_factor', 'make_scheduler', 'param_groups', 'make_optimizer', 'EMA',
+           'amp_dtype', 'autocast_for', 'determinism', 'Labels', 'objective_for']
 
 # %% ../nbs/05b_recipe.ipynb #2a320321
 def soft_cross_entropy(logits:torch.Tensor, # [B, C], any float dtype
@@ -136,3 +136,25 @@ def determinism(cfg:TrainConfig, # `deterministic` asks for deterministic kernel
     try: yield
     finally:
         torch.use_deterministic_algorithms(prev[0], warn_only=prev[1]); torch.backends.cudnn.benchmark = prev[2]
+
+# %% ../nbs/05b_recipe.ipynb #8249daec
+class Labels:
+    "The default objective: the labels alone (soft cross-entropy of the smoothed, mixed soft targets); nothing saved or shown."
+    def __call__(self, logits, x, targets): return soft_cross_entropy(logits, targets)  # `x`: the batch the network saw
+    def state_dict(self)->dict: return {}
+    def load_state_dict(self, state:dict): # a resumed checkpoint's objective entries: another objective's, so refused
+        for k, v in state.items():
+            raise CheckpointError(f"the checkpoint learned from {v}, this run from the labels only: a run resumes with the {k} "
+                                  f"it started with (use a new run folder to change them)")
+    def start_lines(self)->list: return []
+    def metrics(self)->dict: return {}
+
+OBJECTIVES = dict(distill_from="expert_lab.distill")  # field -> factory(cfg, num_classes, device, autocast, saved); a name: not imported
+
+def objective_for(cfg:TrainConfig # the run's config
+                 ):
+    "The factory of the objective a run of `cfg` trains with: the one a set field of `OBJECTIVES` asks for, else `Labels`."
+    f = next((f for f in OBJECTIVES if getattr(cfg, f)), None)
+    if isinstance(make := OBJECTIVES.get(f, lambda *a: Labels()), str):  # its module was never imported: say which
+        raise ConfigError(f"{f}: {getattr(cfg, f)!r} asks for the objective {make} defines: import {make} before training")
+    return make

@@ -14,40 +14,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, TrainConfig, pick_device
+from .config import TrainConfig, pick_device
 from .data import DeviceLoader, epoch_seed
 from .experts import ExpertData, check_batch_fits, prepare_expert_data
 from .augment import TrainAugment, soft_targets, mix_batch
 from .models import create_model
-from .checkpoint import (CheckpointError, disk_failure_line, load_resume, save_epoch, strip_compile_prefix, tested_kind,
-                                   tested_weights)
+from .checkpoint import (CheckpointError, disk_failure_line, load_resume, save_epoch, saved_record, strip_compile_prefix,
+                                   tested_kind, tested_weights)
 from .files import DiskError
-from .recipe import EMA, amp_dtype, autocast_for, determinism, lr_factor, make_optimizer, make_scheduler, soft_cross_entropy
+from .recipe import (EMA, Labels, amp_dtype, autocast_for, determinism, lr_factor, make_optimizer, make_scheduler,
+                               objective_for)
 from .progress import Progress, progress_mode
 from .evaluation import evaluate, eval_loader
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'Labels', 'TrainState', 'setup_training', 'train_epoch', 'Outcome', 'TrainResult', 'train']
+__all__ = ['TrainState', 'setup_training', 'train_epoch', 'Outcome', 'TrainResult', 'train']
 
-# %% ../nbs/05_train.ipynb #160c1a17
-class Labels:
-    "The default objective: the labels alone (soft cross-entropy of the smoothed, mixed soft targets); nothing saved or shown."
-    def __call__(self, logits, x, targets): return soft_cross_entropy(logits, targets)  # `x`: the batch the network saw
-    def state_dict(self)->dict: return {}
-    def load_state_dict(self, state:dict): # a resumed checkpoint's objective entries: another objective's, so refused
-        for k, v in state.items(): raise CheckpointError(f"the checkpoint learned from {v}, this run from the labels only: a run resumes with the {k} it started with (use a new run folder to change them)")
-    def start_lines(self)->list: return []
-    def metrics(self)->dict: return {}
-
-OBJECTIVES = dict(distill_from="expert_lab.distill")  # field -> factory(cfg, num_classes, device, autocast, saved); a name: not imported
+# %% ../nbs/05_train.ipynb #be1b086d
 _RUN_KEYS = set("epoch step partial model ema best optimizer scheduler scaler rng history stop_reason restarts config format".split())  # the rest: objectives'
-
-def _objective(cfg):
-    "The factory of the objective a run of `cfg` trains with: the one a set field of `OBJECTIVES` asks for, else `Labels`."
-    f = next((f for f in OBJECTIVES if getattr(cfg, f)), None)
-    if isinstance(make := OBJECTIVES.get(f, lambda *a: Labels()), str):  # its module was never imported: say which
-        raise ConfigError(f"{f}: {getattr(cfg, f)!r} asks for the objective {make} defines: import {make} before training")
-    return make
 
 @dataclass(repr=False)
 class TrainState:
@@ -113,7 +97,7 @@ class TrainState:
         b, self.stop_reason = sd["best"], sd["stop_reason"]
         self.best_epoch, self.best_val_acc, self.best_weights = b["epoch"], b["val_acc"], b["weights"]
 
-# %% ../nbs/05_train.ipynb #10108998
+# %% ../nbs/05_train.ipynb #160c1a17
 def setup_training(cfg:TrainConfig, # the run's config
                    data:ExpertData, # from `prepare_expert_data`
                    device:torch.device, # from `pick_device(cfg.device)`
@@ -130,7 +114,7 @@ def setup_training(cfg:TrainConfig, # the run's config
     net = torch.compile(model) if cfg.compile else model
     opt = make_optimizer(model, cfg, device)
     dtype = amp_dtype(cfg.precision, device)
-    objective = _objective(cfg)(cfg, data.num_classes, device, autocast_for(dtype, device), saved)
+    objective = objective_for(cfg)(cfg, data.num_classes, device, autocast_for(dtype, device), saved)
     return TrainState(cfg, device, model, net, opt, make_scheduler(opt, cfg, steps),
                       torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                       EMA(model, cfg.ema_decay) if cfg.ema else None, torch.Generator(device), loader,
@@ -256,6 +240,7 @@ class Outcome:
     error: str|None = None  # what went wrong, for a failed run
     signal: str|None = None  # the signal that stopped an interrupted run (SIGINT, SIGTERM)
     stopped_at: dict|None = None  # where a stop by signal saved last.pt: {"epoch": e, "step": s} (s steps of epoch e done)
+    saved: dict|None = None  # a disk refused a save: the progress the surviving last.pt holds, all the record may claim
 
 def _ended(out, status, stop_reason, message, **how)->Outcome:
     "Print `message` and return the outcome it explains (a failed run keeps it as its error)."
@@ -297,11 +282,12 @@ class TrainResult:
 def _metrics(st, outcome, saved, test):
     "The final metrics record, in plain values ready for JSON."
     t = test or {}
-    return dict(status=outcome.status, stop_reason=outcome.stop_reason, epochs_done=st.epoch, best_epoch=st.best_epoch,
+    return {**dict(status=outcome.status, stop_reason=outcome.stop_reason, epochs_done=st.epoch, best_epoch=st.best_epoch,
                 best_val_acc=st.best_val_acc, best_weights=st.best_weights if st.best_val_acc is not None else None,
                 test_loss=t.get("loss"), test_acc=t.get("acc"), test_top5=t.get("top5"), per_class_acc=t.get("per_class_acc"),
                 confusion=t.get("confusion"), resumed_from_epoch=None if saved is None else saved["epoch"],
-                restarts=st.restarts, error=outcome.error, stop_signal=outcome.signal, stopped_at=outcome.stopped_at, **st.objective.metrics())
+                restarts=st.restarts, error=outcome.error, stop_signal=outcome.signal, stopped_at=outcome.stopped_at,
+                **st.objective.metrics()), **(outcome.saved or {})}  # after a refused save: what the disk holds, no more
 
 def _test_set(st, data, outcome, out):
     "Evaluate the tested weights on the test set, once, if the run ended with weights worth testing; else None."
@@ -389,7 +375,7 @@ def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
         except KeyboardInterrupt:  # raised, not signalled (e.g. from a hook): a half-done step is never saved
             outcome = _ended(out, "interrupted", "interrupt", _interrupted_message(ckpt_dir), signal=stop.signame)
         except torch.OutOfMemoryError: outcome = _out_of_memory(st, out)
-        except DiskError as e: outcome = _ended(out, "failed", "error", disk_failure_line(e, ckpt_dir, run_dir))  # its temporary is gone: the small records fit
+        except DiskError as e: outcome = _ended(out, "failed", "error", disk_failure_line(e, ckpt_dir, run_dir), saved=saved_record(ckpt_dir))
         except Exception as e: outcome, raised = Outcome("failed", "error", f"{type(e).__name__}: {e}"), e
         finally: out.close()
         outcome = outcome or Outcome("completed", st.stop_reason or "epochs_done")

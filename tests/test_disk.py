@@ -93,6 +93,7 @@ def test_full_disk_fails_the_run_with_one_line_then_resume_matches(tmp_path):
         m = json.loads((run/"metrics.json").read_text())
         assert (m["status"], m["stop_reason"]) == ("failed", "error") and m["error"] == line, m
         assert load_checkpoint(run/"checkpoints"/"last.pt")["epoch"] == 1
+        assert m["epochs_done"] == 1, m  # epoch 2 trained but was not saved: the record claims what the disk holds
         grow(disk, "64m")
         r = run_cli(tmp_path, "resume", run, env=env)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -112,7 +113,7 @@ def test_a_disk_error_in_a_hook_ends_the_run_as_failed(tiny, tmp_path):
             if record["epoch"] == 2: raise disk_error(OSError(errno.ENOSPC, "No space"), tmp_path/"history.csv", 5_000_000)
     r = train(tiny(epochs=3), run_dir=tmp_path, hooks=[FullDisk()], progress="none")
     m = r.metrics
-    assert (m["status"], m["stop_reason"], m["test_acc"]) == ("failed", "error", None)
+    assert (m["status"], m["stop_reason"], m["test_acc"], m["epochs_done"]) == ("failed", "error", None, 2)
     assert m["error"].startswith(f"no space left on device writing {tmp_path/'history.csv'} (needs ~5.00 MB, ")
     assert m["error"].endswith(f"checkpoints/last.pt of epoch 2 is intact; free space, then: expert-lab resume {tmp_path}")
 
