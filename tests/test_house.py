@@ -4,6 +4,8 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 PKG = Path(__file__).resolve().parents[1]/"expert_lab"
 
 
@@ -106,4 +108,37 @@ def test_the_training_loop_knows_only_training():
     "train.py reaches no distillation, nor the layers a student looks its teachers up with, however deep (function bodies too)."
     reach = _reach("expert_lab.train", _modules())
     assert "expert_lab.distill" not in reach
-    assert reach.isdisjoint({"expert_lab.ensemble", "expert_lab.catalog", "expert_lab.runs", "expert_lab.preflight", "expert_lab.cli"})
+    above = {"ensemble", "catalog", "runs", "preflight", "cli", "execute", "notebook_run", "sweeps", "slurm", "lock",
+             "tracking", "labbook", "tune"}
+    assert reach.isdisjoint({f"expert_lab.{m}" for m in above})
+
+
+def _rhythm():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rhythm", PKG.parent/"tools"/"rhythm.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod.rhythm
+
+
+# the notebooks issue 24 named, and their floors: fastcore's 01_basics reads at 7.1 lines per exported cell and
+# 1.18 test cells per definition
+RHYTHM = ["05_train", "08_cli", "06f_execute", "06h_notebook_run", "07a_sweeps", "06b_ensemble", "03_augment"]
+
+@pytest.mark.parametrize("name", RHYTHM)
+def test_notebooks_read_one_function_at_a_time(name):
+    r = _rhythm()(PKG.parent/"nbs"/f"{name}.ipynb")
+    assert r["lines_per_cell"] <= 15, f"{name}: {r['lines_per_cell']:.1f} lines per exported cell (floor 15)"
+    assert r["tests_per_def"] >= 0.8, f"{name}: {r['tests_per_def']:.2f} test cells per definition (floor 0.8)"
+
+
+def test_the_rhythm_counts_what_it_says():
+    "A made-up notebook: two exported cells of 2 and 4 lines, 3 definitions, 2 test cells, one example cell."
+    import json, tempfile
+    cell = lambda src: dict(cell_type="code", source=src, metadata={}, outputs=[], execution_count=None)
+    nb = dict(cells=[cell("#| export\ndef f(x): return x\n\ng = 1"), cell("f(2)"), cell("test_eq(f(2), 2)"),
+                     cell("#| export\nclass A:\n    pass\n\ndef h(): pass\n# why"), cell("assert h() is None")],
+              metadata={}, nbformat=4, nbformat_minor=5)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d)/"x.ipynb"; p.write_text(json.dumps(nb))
+        r = _rhythm()(p)
+    assert (r["lines_per_cell"], r["defs"], r["tests"], r["cells"]) == (3.0, 3, 2, 2)
