@@ -12,7 +12,7 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['normalize', 'TrainAugment', 'EvalTransform', 'soft_targets', 'mix_batch', 'show_batch']
 
-# %% ../nbs/03_augment.ipynb #1f4e168f
+# %% ../nbs/03_augment.ipynb #3c0dfe20
 def _affine(mean, std, device):
     "Scale and shift that map uint8 values to `(x/255 - mean)/std`, shaped to broadcast over [B,C,...]."
     mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
@@ -21,6 +21,17 @@ def _affine(mean, std, device):
         raise ValueError(f'mean {mean.tolist()} and std {std.tolist()} must be per-channel sequences of equal length, with std > 0.')
     return (1/(255*std))[:, None], (mean/std)[:, None]
 
+# %% ../nbs/03_augment.ipynb #3ceafda0
+def _check_channels(x, n):
+    if x.ndim != 4 or x.shape[1] != n: raise ValueError(f'Expected images [B,{n},H,W] to match the {n} channel statistics, got {tuple(x.shape)}.')
+
+# %% ../nbs/03_augment.ipynb #e98eed7b
+def _normalize(x, scale, shift):
+    _check_channels(x, len(scale))
+    b, c = x.shape[:2]
+    return (x.reshape(b, c, -1).float()*scale - shift).view(x.shape)
+
+# %% ../nbs/03_augment.ipynb #7f71b9ae
 def normalize(x_uint8:torch.Tensor, # uint8 images [B,C,H,W]
               mean, # per-channel means in [0,1] units
               std, # per-channel standard deviations in [0,1] units
@@ -28,15 +39,7 @@ def normalize(x_uint8:torch.Tensor, # uint8 images [B,C,H,W]
     "Map uint8 images to float `(x/255 - mean)/std`, per channel."
     return _normalize(x_uint8, *_affine(mean, std, x_uint8.device))
 
-def _check_channels(x, n):
-    if x.ndim != 4 or x.shape[1] != n: raise ValueError(f'Expected images [B,{n},H,W] to match the {n} channel statistics, got {tuple(x.shape)}.')
-
-def _normalize(x, scale, shift):
-    _check_channels(x, len(scale))
-    b, c = x.shape[:2]
-    return (x.reshape(b, c, -1).float()*scale - shift).view(x.shape)
-
-# %% ../nbs/03_augment.ipynb #33f69c26
+# %% ../nbs/03_augment.ipynb #d8c23e2c
 _N_TRIES = 10 # RandomErasing's attempts to find a box that fits
 _U_COLS = 4 + 4*_N_TRIES # uniforms per image: dy, dx, flip, erase, then (area, log-ratio, top, left) per try
 
@@ -45,6 +48,7 @@ def _sources(x, padding:int, flip:bool):
     z = x.new_zeros(padding)
     return torch.cat([z, x.reshape(-1), x.flip(-1).reshape(-1), z] if flip else [z, x.reshape(-1), z])
 
+# %% ../nbs/03_augment.ipynb #e35338d6
 def _crop_tables(u, shape, padding:int, flip:bool):
     "Offset into `_sources` of each output row [B,C,H], and 1. for rows [B,H] and columns [B,W] inside the image, 0. in the padding."
     b, c, h, w = shape
@@ -76,11 +80,12 @@ def _erase_tables(u, h, w, p, scale, ratio):
     i, j = torch.arange(h, device=u.device), torch.arange(w, device=u.device)
     return ((i >= top) & (i < top + eh) & on).float(), ((j >= left) & (j < left + ew)).float()
 
-# %% ../nbs/03_augment.ipynb #7f71b9ae
+# %% ../nbs/03_augment.ipynb #c611f38d
 def _tables(u, shape, padding:int, flip:bool, erase_p:float, erase_scale:tuple, erase_ratio:tuple):
     "Row offsets, padding rows and columns, erased rows and columns for a batch of `shape`, from the uniforms `u` [B,44]."
     return (*_crop_tables(u, shape, padding, flip), *_erase_tables(u, *shape[-2:], erase_p, erase_scale, erase_ratio))
 
+# %% ../nbs/03_augment.ipynb #97c0f104
 def _apply(src, base, rk, ck, er, ec, scale, shift):
     "Read each output row from `src`, zero the padding, normalize and erase: float [B,C,H,W]."
     w = ck.shape[1]
@@ -159,7 +164,7 @@ def soft_targets(y:torch.Tensor, # int64 labels [B]
     t = F.one_hot(y.long(), num_classes).float()
     return t*(1 - smoothing) + smoothing/num_classes
 
-# %% ../nbs/03_augment.ipynb #70d8d0f4
+# %% ../nbs/03_augment.ipynb #9f012f57
 def _cut_box(rng, lam, h, w):
     "timm's cutmix box: about (1-lam) of the area, centred uniformly, clipped to the image."
     r = math.sqrt(1 - lam)
@@ -168,6 +173,7 @@ def _cut_box(rng, lam, h, w):
     return (int(np.clip(cy - ch//2, 0, h)), int(np.clip(cy + ch//2, 0, h)),
             int(np.clip(cx - cw//2, 0, w)), int(np.clip(cx + cw//2, 0, w)))
 
+# %% ../nbs/03_augment.ipynb #dbd5fd84
 def mix_batch(x:torch.Tensor, # float images [B,C,H,W]
               targets_soft:torch.Tensor, # float targets [B,K], e.g. from `soft_targets`
               mixup_alpha:float=0.2, # Beta(alpha, alpha) for mixup; 0 turns mixup off
@@ -192,7 +198,7 @@ def mix_batch(x:torch.Tensor, # float images [B,C,H,W]
     else: x = torch.lerp(x.index_select(0, perm), x, lam)
     return x, torch.lerp(targets_soft.index_select(0, perm), targets_soft, lam)
 
-# %% ../nbs/03_augment.ipynb #02fdbf10
+# %% ../nbs/03_augment.ipynb #9f642b67
 def _mosaic(img:torch.Tensor, # float [B,H,W,C] in [0, 1]
             ncols:int, pad:int, label_h:int, # images per row; pixels between images; pixels above each for its label
            )->torch.Tensor:
@@ -205,6 +211,7 @@ def _mosaic(img:torch.Tensor, # float [B,H,W,C] in [0, 1]
         canvas[r*cell_h + label_h:r*cell_h + label_h + H, c*cell_w:c*cell_w + W] = img[k]
     return canvas
 
+# %% ../nbs/03_augment.ipynb #1186d175
 def show_batch(x:torch.Tensor, # uint8 [B,C,H,W], or float normalized with `mean`/`std` (or in [0,1] when they are None)
                labels:torch.Tensor|None=None, # labels to print above the images
                classes:list|None=None, # class names for the labels

@@ -31,7 +31,7 @@ def json_file(run_dir:str|Path, # a run folder
     return obj, None
 
 # %% ../nbs/06e_catalog.ipynb #4ee4374a
-STATUSES = ("queued", "running", "completed", "failed", "interrupted")  # what runs and slurm write
+STATUSES = ("queued", "running", "completed", "failed", "interrupted", "pruned")  # what runs, slurm and tune write
 ROW_STATUSES = (*STATUSES, "damaged")  # what a row can say (for `--status` choices)
 _NUMBERS = ("best_val_acc", "test_acc", "duration_s")
 
@@ -66,7 +66,7 @@ def history_epoch(run_dir:str|Path # a run folder
 
 # %% ../nbs/06e_catalog.ipynb #8cf9d975
 ROW_COLUMNS = ("model", "partition", "expert", "status", "best_val_acc", "test_acc", "epochs", "duration_s",
-               "slurm_job", "started", "path", "reason")
+               "slurm_job", "started", "path", "reason")  # a tuning trial's row adds "study" and "trial"
 
 def _place(run_dir:Path)->dict:
     "Model, partition label and expert from the folder's place in the tree."
@@ -85,6 +85,12 @@ def _damage(run_dir:Path, m:dict|None, why:str|None)->str|None:
         return "completed, but checkpoints/ holds neither best.pt nor last.pt"
     return None
 
+def _trial_of(run_dir:Path)->dict:
+    "The tuning study and trial number a run's config.json names, as row fields; none for a run that is no trial."
+    c = (json_file(run_dir, "config.json", required=False)[0] or {}).get("config")
+    study = c.get("study") if isinstance(c, dict) else None
+    return dict(study=study, trial=c.get("trial")) if isinstance(study, str) and study else {}
+
 def read_run(run_dir:str|Path # a run folder
             )->dict:
     "One summary row for `run_dir`; status `damaged` and a `reason` when its files cannot be used."
@@ -97,14 +103,14 @@ def read_run(run_dir:str|Path # a run folder
     status = "damaged" if reason else run_state(run_dir, m.get("status"))
     slurm = json_file(run_dir, "slurm.json", required=False)[0] or {}
     epochs = m.get("epochs_done") if m.get("epochs_done") is not None else (None if reason else history_epoch(run_dir)[0])
-    n = m.get("n_experts")
+    n, trial = m.get("n_experts"), _trial_of(run_dir)
     return dict(model=m.get("model") or place["model"],
                 partition=(place["partition"] if str(place["partition"]).startswith("distill-")  # a student beside its teachers
                            else f"{m['partition']}-{n}" if m.get("partition") and n is not None else place["partition"]),
                 expert=m.get("expert_id") if m.get("expert_id") is not None else place["expert"],
                 status=status, best_val_acc=m.get("best_val_acc"), test_acc=m.get("test_acc"), epochs=epochs,
                 duration_s=m.get("duration_s"), slurm_job=slurm.get("job_id") or m.get("slurm_job_id"),
-                started=m.get("started"), path=str(run_dir), reason=reason)
+                started=m.get("started"), path=str(run_dir), reason=reason, **trial)
 
 # %% ../nbs/06e_catalog.ipynb #ec18fa02
 def runs_folder(root:str|Path|TrainConfig|None=None # runs folder, or a config whose `runs_dir` names it; None: the settings'
@@ -124,14 +130,15 @@ def list_runs(root:str|Path|None=None, # runs folder; default from the site sett
             and (not partition or partition in (r["partition"], (r["partition"] or "").rsplit("-", 1)[0]))]
     return sorted(rows, key=lambda r: r["started"] or "", reverse=True)
 
-# %% ../nbs/06e_catalog.ipynb #37b7881c
+# %% ../nbs/06e_catalog.ipynb #b6486713
 def format_runs(rows:list[dict] # from `list_runs`
                )->str:
     "A plain-text table of runs."
     if not rows: return "no runs found"
     cols = ("model", "partition", "expert", "status", "best_val_acc", "test_acc", "epochs", "duration_s", "slurm_job",
-            "slurm_state", "path", "reason")
-    return format_table(rows, [c for c in cols if c not in ("slurm_job", "slurm_state", "reason") or any(r.get(c) for r in rows)])
+            "slurm_state", "study", "trial", "path", "reason")
+    optional = ("slurm_job", "slurm_state", "study", "trial", "reason")  # shown only when some row has one
+    return format_table(rows, [c for c in cols if c not in optional or any(r.get(c) is not None for r in rows)])
 
 # %% ../nbs/06e_catalog.ipynb #439a838d
 def damaged_note(rows:list[dict], # from `list_runs`
@@ -149,9 +156,9 @@ def run_label(path:str|Path # a run folder
     "The run's last four path parts: `<model>/<partition>-<n>/expert-<k>/<stamp>`."
     return "/".join(Path(path).parts[-4:])
 
-# %% ../nbs/06e_catalog.ipynb #7dbec0de
+# %% ../nbs/06e_catalog.ipynb #18576f2b
 RUN_COLUMNS = ("run", "model", "partition", "expert", "status", "best_val_acc", "test_acc", "epochs", "duration_s",
-               "slurm_job", "started", "path")
+               "slurm_job", "study", "trial", "started", "path")
 
 def _readable(rows:list # rows from `list_runs`
              )->list:

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Mapping
 
 # %% auto #0
-__all__ = ['FIELD_TYPES', 'CONFIG_SECTIONS', 'SLURM_KEYS', 'SETTINGS_SECTIONS', 'KERNEL_NAME', 'SEED_ENV', 'CHOICES', 'SOURCES',
-           'TrainConfig', 'ConfigError', 'coerce', 'did_you_mean', 'check_key', 'project_root', 'settings_path',
-           'check_settings', 'read_settings', 'settings_values', 'env_values', 'check_ranges', 'project_path',
-           'resolve_config', 'config_from_dict', 'config_table', 'check_device_kind', 'pick_device', 'field_docs',
-           'explicit_args', 'schedule_warning']
+__all__ = ['FIELD_TYPES', 'CONFIG_SECTIONS', 'SLURM_KEYS', 'SETTINGS_SECTIONS', 'KERNEL_NAME', 'SEED_ENV', 'CHOICES',
+           'TRIAL_KEYS', 'SOURCES', 'TrainConfig', 'ConfigError', 'coerce', 'did_you_mean', 'check_key', 'project_root',
+           'settings_path', 'check_settings', 'read_settings', 'settings_values', 'env_values', 'check_ranges',
+           'project_path', 'resolve_config', 'config_from_dict', 'config_table', 'check_device_kind', 'pick_device',
+           'field_docs', 'explicit_args', 'schedule_warning']
 
 # %% ../nbs/00_config.ipynb #1268046b
 @dataclass
@@ -78,6 +78,8 @@ class TrainConfig:
     wandb_project: str = "expert-lab"  # wandb project name
     wandb_mode: str = "offline"  # offline, online or disabled
     tensorboard: bool = False  # also write TensorBoard event files
+    study: str = ""  # the tuning study this run is a trial of (runs/studies/<study>); empty: not a trial
+    trial: int = -1  # this run's trial number in its study; -1: not a trial
 
 # %% ../nbs/00_config.ipynb #82593092
 class ConfigError(ValueError):
@@ -233,11 +235,9 @@ def env_values(env:Mapping # environment, usually `os.environ`
     return out
 
 # %% ../nbs/00_config.ipynb #33ea2a0a
-CHOICES = {
-    "scheduler": ("cosine_restarts", "cosine", "constant"),
-    "precision": ("auto", "bf16", "fp16", "fp32"),
-    "wandb_mode": ("offline", "online", "disabled"),
-}
+CHOICES = {"scheduler": ("cosine_restarts", "cosine", "constant"), "precision": ("auto", "bf16", "fp16", "fp32"),
+           "wandb_mode": ("offline", "online", "disabled")}
+TRIAL_KEYS = ("study", "trial")  # set by `expert-lab tune` for its trials, never typed: `train` need not offer them as flags
 _POSITIVE = ("epochs", "batch_size", "lr", "n_experts", "restart_period", "restart_mult", "patience", "ema_decay", "dirichlet_alpha",
              "distill_temperature")
 _NON_NEGATIVE = ("weight_decay", "momentum", "grad_clip", "warmup_epochs", "min_lr", "mixup_alpha", "cutmix_alpha",
@@ -262,11 +262,11 @@ def check_ranges(cfg:TrainConfig # a fully resolved config
     for k in _PROBABILITIES:
         if not 0 <= getattr(cfg, k) <= 1: raise ConfigError(f"{k}: must be in [0, 1], got {getattr(cfg, k)!r}")
     if cfg.val_size < -1: raise ConfigError(f"val_size: must be -1 (dataset default), 0 (none) or a count, got {cfg.val_size}")
-    if cfg.expert_id >= cfg.n_experts:
-        raise ConfigError(f"expert_id: must be < n_experts ({cfg.n_experts}), got {cfg.expert_id}")
+    if cfg.expert_id >= cfg.n_experts: raise ConfigError(f"expert_id: must be < n_experts ({cfg.n_experts}), got {cfg.expert_id}")
     for k, allowed in CHOICES.items():
         if getattr(cfg, k) not in allowed: raise ConfigError(f"{k}: {getattr(cfg, k)!r} is not one of {', '.join(allowed)}")
     _check_device(cfg.device)
+    if cfg.trial < -1 or bool(cfg.study) != (cfg.trial >= 0): raise ConfigError(f"study and trial go together (a number >= 0 with a study, -1 without): got study={cfg.study!r}, trial={cfg.trial}")
 
 # %% ../nbs/00_config.ipynb #43e1cf84
 def project_path(p:str|Path # a path from the config; relative ones are relative to the project root

@@ -14,6 +14,12 @@ import torch
 
 from .files import read_json
 from .catalog import run_label
+from .augment import EvalTransform
+from .checkpoint import load_checkpoint, tested_weights
+from .data import load_dataset
+from .experts import data_root
+from .models import count_params, create_model, model_exists
+from .runs import load_run_config
 
 # %% auto #0
 __all__ = ['MIN_GATE_IMAGES', 'model_params', 'predict_probs', 'load_expert', 'check_experts', 'heldout_indices', 'ExpertOutputs',
@@ -26,7 +32,6 @@ def model_params(names, # model names
                  num_classes:int=100, # outputs of the classifier head
                 )->dict:
     "Number of parameters of each model the registry can build (unknown names are skipped)."
-    from expert_lab.models import count_params, create_model, model_exists
     out = {}
     for n in dict.fromkeys(names):
         if not model_exists(n): continue
@@ -43,31 +48,28 @@ def predict_probs(model:torch.nn.Module, # a trained classifier
                   batch_size:int=1000, # images per forward pass
                  )->torch.Tensor:
     "Softmax probabilities `[N, classes]` (float32, on the CPU) of `model` on `x`, computed in batches on `device`."
-    from expert_lab.augment import EvalTransform
     tf, model = EvalTransform(mean, std), model.to(device).eval()
     out = [torch.softmax(model(tf(x[i:i + batch_size].to(device, non_blocking=True))).float(), 1).cpu()
            for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.empty(0, 0)
 
-# %% ../nbs/06b_ensemble.ipynb #82631506
+# %% ../nbs/06b_ensemble.ipynb #9eb314aa
 def _checkpoint(run_dir:Path)->Path:
     "The checkpoint an ensemble loads: best.pt, or last.pt for a run without a validation set."
     best = Path(run_dir)/"checkpoints"/"best.pt"
     return best if best.exists() else best.with_name("last.pt")
 
+# %% ../nbs/06b_ensemble.ipynb #2d5e4772
 def load_expert(run_dir:str|Path, # a run folder with config.json and checkpoints/
                 num_classes:int, # outputs of the classifier (the dataset's number of classes)
                )->torch.nn.Module:
     "The run's model with the weights of its best validation epoch (`last.pt`'s without one), on the CPU, in eval mode."
-    from expert_lab.checkpoint import load_checkpoint, tested_weights
-    from expert_lab.models import create_model
-    from expert_lab.runs import load_run_config
     cfg, _ = load_run_config(Path(run_dir))
     model = create_model(cfg.model, num_classes=num_classes, drop_rate=cfg.drop_rate)
     model.load_state_dict(tested_weights(load_checkpoint(_checkpoint(run_dir))))
     return model.eval()
 
-# %% ../nbs/06b_ensemble.ipynb #dc9189ea
+# %% ../nbs/06b_ensemble.ipynb #3f7432ae
 def _head_classes(run_dir:Path)->int|None:
     "Outputs of the run's classifier head, read from its checkpoint's shapes; None when that cannot be read."
     try: sd = torch.load(_checkpoint(run_dir), map_location="cpu", weights_only=True, mmap=True)["model"]
@@ -75,25 +77,27 @@ def _head_classes(run_dir:Path)->int|None:
     heads = [v.shape[0] for k, v in sd.items() if k.endswith("head.fc.weight")]
     return heads[0] if heads else None
 
+# %% ../nbs/06b_ensemble.ipynb #f2449edd
 def _dataset_key(cfg)->str:
     "A dataset's name, with its folder for `folder` datasets, whose classes are whatever that folder holds."
-    from expert_lab.experts import data_root
     return f"{cfg.dataset} ({data_root(cfg)})" if cfg.dataset == "folder" else cfg.dataset
 
+# %% ../nbs/06b_ensemble.ipynb #882d9eba
 def _completed_config(run_dir:Path):
     "The run's config; ValueError (one line) unless it is a readable, completed run folder."
-    from expert_lab.runs import load_run_config
     try: cfg, status = load_run_config(run_dir)[0], read_json(Path(run_dir)/"metrics.json", {}).get("status")
     except (OSError, ValueError, KeyError, TypeError) as e: raise ValueError(f"{run_dir}: not a readable run folder ({str(e).splitlines()[0]})") from None
     if status != "completed": raise ValueError(f"{run_dir}: not a completed run (status {status!r}); only completed experts are combined")
     return cfg
 
+# %% ../nbs/06b_ensemble.ipynb #6a1a7f5c
 def _differ(what:str, by_run:dict)->str:
     "One line naming each distinct value and a run that has it."
     firsts = {}
     for d, v in by_run.items(): firsts.setdefault(v, d)
     return f"the experts have different {what} (" + "; ".join(f"{v} in {run_label(d)}" for v, d in firsts.items()) + "); an ensemble needs one"
 
+# %% ../nbs/06b_ensemble.ipynb #f95acf2f
 def check_experts(run_dirs:list # run folders, one per expert, e.g. `latest_completed(...).path`
                  )->None:
     "Raise ValueError with one line unless `run_dirs` are completed experts of one dataset with one class count."
@@ -103,13 +107,14 @@ def check_experts(run_dirs:list # run folders, one per expert, e.g. `latest_comp
     classes = {d: c for d in run_dirs if (c := _head_classes(d)) is not None}
     if len(set(classes.values())) > 1: raise ValueError(_differ("class counts", {d: f"{c} classes" for d, c in classes.items()}))
 
-# %% ../nbs/06b_ensemble.ipynb #00368009
+# %% ../nbs/06b_ensemble.ipynb #b12a290e
 def _partition(run_dir:str|Path)->dict:
     "A run's partition.json: its training and validation indices into the training set."
     part = read_json(Path(run_dir)/"partition.json")
     if part is None: raise FileNotFoundError(f"{run_dir} has no partition.json")
     return part
 
+# %% ../nbs/06b_ensemble.ipynb #67e82855
 def heldout_indices(run_dirs:list # run folders, one per expert
                    )->torch.Tensor:
     "Sorted training-set indices in every expert's validation split and in no expert's training part."
@@ -117,7 +122,7 @@ def heldout_indices(run_dirs:list # run folders, one per expert
     keep = set.intersection(*(set(p["val_idx"]) for p in parts)) - set().union(*(p["train_idx"] for p in parts))
     return torch.tensor(sorted(keep), dtype=torch.long)
 
-# %% ../nbs/06b_ensemble.ipynb #56ed88fe
+# %% ../nbs/06b_ensemble.ipynb #9a12dda8
 @dataclass
 class ExpertOutputs:
     "The experts' probabilities on the test set and on the held-out images, and the dataset they come from."
@@ -129,15 +134,13 @@ class ExpertOutputs:
     @property
     def heldout_y(self)->torch.Tensor: return self.ds.train_y[self.heldout_idx]
 
+# %% ../nbs/06b_ensemble.ipynb #7fb1c1d7
 def experts_outputs(run_dirs:list, # run folders, one per expert
                     device:str|torch.device="cpu", # where the networks run
                     batch_size:int=1000, # images per forward pass
                     heldout:bool=True, # also predict the held-out images (a learned gate's training data)
                    )->ExpertOutputs:
     "Each expert's probabilities on the test set and the held-out images, stacked `[experts, N, classes]`."
-    from expert_lab.data import load_dataset
-    from expert_lab.runs import load_run_config
-    from expert_lab.experts import data_root
     cfgs = [load_run_config(d)[0] for d in run_dirs]
     if len(names := {c.dataset for c in cfgs}) > 1: raise ValueError(f"the experts were trained on different datasets ({', '.join(sorted(names))}); an ensemble needs one")
     ds = load_dataset(cfgs[0].dataset, data_root(cfgs[0]), download=False)
@@ -149,6 +152,7 @@ def experts_outputs(run_dirs:list, # run folders, one per expert
         held.append(predict_probs(net, ds.train_x[idx], ds.mean, ds.std, device, batch_size) if len(idx) else torch.empty(0, ds.num_classes))
     return ExpertOutputs(torch.stack(test), torch.stack(held), idx, ds)
 
+# %% ../nbs/06b_ensemble.ipynb #f4112de1
 def experts_probs(run_dirs:list, # run folders, one per expert
                   device:str|torch.device="cpu", # where the networks run
                   batch_size:int=1000, # images per forward pass
@@ -157,31 +161,34 @@ def experts_probs(run_dirs:list, # run folders, one per expert
     out = experts_outputs(run_dirs, device, batch_size, heldout=False)
     return out.test, out.ds
 
-# %% ../nbs/06b_ensemble.ipynb #882d9eba
+# %% ../nbs/06b_ensemble.ipynb #f209cee8
 def accuracy(probs:torch.Tensor, # [N, classes] probabilities (or scores)
              y:torch.Tensor, # int64 labels [N]
             )->float:
     "Top-1 accuracy."
     return (probs.argmax(-1) == y).float().mean().item()
 
+# %% ../nbs/06b_ensemble.ipynb #e5eaf95c
 def combine_mean(probs:torch.Tensor # [experts, N, classes]
                 )->torch.Tensor:
     "The average of the experts' probabilities, `[N, classes]`."
     return probs.mean(0)
 
+# %% ../nbs/06b_ensemble.ipynb #d45d3213
 def combine_routed(probs:torch.Tensor # [experts, N, classes]
                   )->tuple[torch.Tensor, torch.Tensor]:
     "Each image's probabilities from the expert most confident on it, `[N, classes]`, and that expert's index `[N]`."
     pick = probs.amax(-1).argmax(0)
     return probs[pick, torch.arange(probs.shape[1])], pick
 
-# %% ../nbs/06b_ensemble.ipynb #aab52109
+# %% ../nbs/06b_ensemble.ipynb #06350124
 def expert_classes(run_dir:str|Path, # a run folder with partition.json
                    train_y:torch.Tensor, # int64 labels of the dataset's training set
                   )->torch.Tensor:
     "The classes an expert trained on (sorted)."
     return torch.as_tensor(train_y)[torch.as_tensor(_partition(run_dir)["train_idx"], dtype=torch.long)].unique()
 
+# %% ../nbs/06b_ensemble.ipynb #aea9ba04
 def routing_accuracy(pick:torch.Tensor, # [N] the expert each image went to, from `combine_routed`
                      y:torch.Tensor, # [N] true labels
                      classes:list, # one tensor of class ids per expert, as from `expert_classes`
@@ -191,12 +198,13 @@ def routing_accuracy(pick:torch.Tensor, # [N] the expert each image went to, fro
     for k, c in enumerate(classes): owns[k, c[c < owns.shape[1]]] = True
     return owns[pick, y].float().mean().item()
 
-# %% ../nbs/06b_ensemble.ipynb #c280e40a
+# %% ../nbs/06b_ensemble.ipynb #24394819
 def gate_features(probs:torch.Tensor # [experts, N, classes]
                  )->torch.Tensor:
     "The gate's input per image: every expert's log-probabilities, concatenated, `[N, experts*classes]`."
     return probs.clamp_min(1e-6).log().permute(1, 0, 2).reshape(probs.shape[1], -1)
 
+# %% ../nbs/06b_ensemble.ipynb #4f610c4d
 class Gate(torch.nn.Module):
     "A linear softmax gating network over frozen experts; starts at zero, i.e. as the mean ensemble."
     def __init__(self, n_experts:int, # experts it weighs
@@ -220,6 +228,7 @@ class Gate(torch.nn.Module):
         "The weights for features computed once (fitting reuses them every step)."
         return torch.softmax(self.linear((feats - self.center)/self.scale), -1)
 
+# %% ../nbs/06b_ensemble.ipynb #6364e707
 def combine_gated(probs:torch.Tensor, # [experts, N, classes]
                   gate:Gate, # a fitted gate, from `fit_gate`
                  )->tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +236,7 @@ def combine_gated(probs:torch.Tensor, # [experts, N, classes]
     w = gate(probs)
     return torch.einsum("ne,enc->nc", w, probs), w
 
-# %% ../nbs/06b_ensemble.ipynb #50ac2e10
+# %% ../nbs/06b_ensemble.ipynb #d6f66509
 MIN_GATE_IMAGES = 10  # fewer held-out images than this leave too few to fit on and to stop on
 
 def split_heldout(n:int, # held-out images
@@ -240,6 +249,13 @@ def split_heldout(n:int, # held-out images
     k = min(max(1, round(n*stop_frac)), n - 1)
     return perm[k:].sort().values, perm[:k].sort().values
 
+# %% ../nbs/06b_ensemble.ipynb #238fa6be
+def _nll(w, probs, y):
+    "The mixture's negative log-likelihood for weights `w`: only the true class's probabilities are mixed."
+    p_true = probs[:, torch.arange(len(y)), y].T  # [N, experts]
+    return -(w*p_true).sum(1).clamp_min(1e-8).log().mean()
+
+# %% ../nbs/06b_ensemble.ipynb #611547c0
 def gate_loss(probs:torch.Tensor, # [experts, N, classes]
               y:torch.Tensor, # [N] true labels
               gate:Gate, # the gate being fitted
@@ -247,19 +263,18 @@ def gate_loss(probs:torch.Tensor, # [experts, N, classes]
     "Mean negative log-likelihood of the true labels under the gate's mixture."
     return _nll(gate(probs), probs, y)
 
-def _nll(w, probs, y):
-    "The mixture's negative log-likelihood for weights `w`: only the true class's probabilities are mixed."
-    p_true = probs[:, torch.arange(len(y)), y].T  # [N, experts]
-    return -(w*p_true).sum(1).clamp_min(1e-8).log().mean()
+# %% ../nbs/06b_ensemble.ipynb #c4ad7f5c
+def _state(gate):
+    "A copy of the gate's weights, unchanged by later steps."
+    return {k: v.clone() for k, v in gate.state_dict().items()}
 
-# %% ../nbs/06b_ensemble.ipynb #ef29d880
-def _state(gate): return {k: v.clone() for k, v in gate.state_dict().items()}
-
+# %% ../nbs/06b_ensemble.ipynb #0ac77da5
 @torch.no_grad()
 def _stop_score(gate, probs, y)->tuple[float, float]:
     "Loss and accuracy of `gate` on the early-stopping part."
     return gate_loss(probs, y, gate).item(), accuracy(combine_gated(probs, gate)[0], y)
 
+# %% ../nbs/06b_ensemble.ipynb #e681dd2a
 def fit_gate(probs:torch.Tensor, # [experts, N, classes] the experts' probabilities on the held-out images
              y:torch.Tensor, # [N] their true labels
              idx:torch.Tensor, # [N] their indices into the training set, recorded on the gate
@@ -301,13 +316,15 @@ def class_weights(weights:torch.Tensor, # [N, experts] from `combine_gated`
     counts = torch.bincount(y, minlength=num_classes).float()[:, None]
     return pd.DataFrame((sums/counts).numpy(), columns=[f"expert {k}" for k in range(weights.shape[1])]).rename_axis("class")
 
-# %% ../nbs/06b_ensemble.ipynb #b393e9a5
+# %% ../nbs/06b_ensemble.ipynb #92b24e20
 def _subsets(n, k, max_subsets, rng):
+    "The subsets of k of `n` experts: all of them, or `max_subsets` distinct ones drawn with `rng` when there are more."
     if math.comb(n, k) <= max_subsets: return list(itertools.combinations(range(n), k))
     seen = set()
     while len(seen) < max_subsets: seen.add(tuple(sorted(rng.choice(n, k, replace=False).tolist())))
     return sorted(seen)
 
+# %% ../nbs/06b_ensemble.ipynb #2084313e
 def accuracy_vs_n(probs:torch.Tensor, # [experts, N, classes]
                   y:torch.Tensor, # [N] true labels
                   max_subsets:int=20, # most subsets scored per k
@@ -322,12 +339,11 @@ def accuracy_vs_n(probs:torch.Tensor, # [experts, N, classes]
                      dict(n_experts=k, experts=",".join(map(str, s)), method="routed", acc=accuracy(combine_routed(p)[0], y))]
     return pd.DataFrame(rows, columns=["n_experts", "experts", "method", "acc"])
 
-# %% ../nbs/06b_ensemble.ipynb #e5eaf95c
+# %% ../nbs/06b_ensemble.ipynb #48d49738
 def ensemble_warnings(run_dirs:list, # run folders of the experts combined, e.g. `latest_completed(...).path`
                       n_experts:int, # experts in the group (`group_size`)
                      )->list:
     "One line for each reason the ensemble says less than a whole, one-seed group would: missing experts, mixed seeds, no gate."
-    from expert_lab.runs import load_run_config
     cfgs = {d: load_run_config(Path(d))[0] for d in run_dirs}
     out = []
     if missing := sorted(set(range(n_experts)) - {c.expert_id for c in cfgs.values()}):

@@ -9,12 +9,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import KERNEL_NAME, TrainConfig, project_root
-from .files import DiskError, atomic_write, read_json
-from .runs import RunFailed, finish_record, new_run_dir, run_summary, start_record
+from .files import DiskError, atomic_write, read_json, write_json
+from .notebook_run import summary_markdown
+from .runs import RunFailed, finish_record, new_run_dir, start_record
+from .signals import SignalGuard
 
 # %% auto #0
-__all__ = ['write_html', 'write_summary', 'forward_signals', 'Console', 'runbook', 'execute_notebook', 'error_line',
-           'dead_kernel_record', 'run_expert', 'report_notebook']
+__all__ = ['HIDDEN_CELL_TAGS', 'HIDDEN_INPUT_TAGS', 'write_html', 'write_summary', 'forward_signals', 'Console', 'runbook',
+           'execute_notebook', 'error_line', 'dead_kernel_record', 'run_expert', 'report_notebook']
 
 # %% ../nbs/06f_execute.ipynb #07263488
 sys.modules.setdefault("rfc3987_syntax", None)  # `import rfc3987_syntax` now raises ImportError, which jsonschema expects
@@ -25,28 +27,41 @@ _OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 """
+HIDDEN_CELL_TAGS = {"parameters", "injected-parameters", "remove_cell", "remove-cell"}  # plumbing: input and output go
+HIDDEN_INPUT_TAGS = {"remove_input", "remove-input"}  # wiring: the output is what a reader wants
 
-_EXPORTER = []  # the HTML exporter, built once: nbconvert and its template take about a second to load
+# %% ../nbs/06f_execute.ipynb #869ff02d
+def _html_config():
+    "nbconvert's configuration for a report: cells and inputs removed by their tags."
+    from traitlets.config import Config
+    c = Config()
+    c.TagRemovePreprocessor.update(enabled=True, remove_cell_tags=HIDDEN_CELL_TAGS, remove_input_tags=HIDDEN_INPUT_TAGS)
+    c.HTMLExporter.exclude_output_prompt = True  # "Out[10]:" means nothing to a reader
+    return c
+
+# %% ../nbs/06f_execute.ipynb #5b2ab5f5
+_EXPORTER = []
 
 def _html_exporter():
+    "The one offline, tag-aware HTML exporter of this process."
     if not _EXPORTER:
         import jinja2
         from nbconvert import HTMLExporter
-        from traitlets.config import Config
-        c = Config(); c.TagRemovePreprocessor.remove_input_tags = {"remove-input"}; c.TagRemovePreprocessor.enabled = True
-        _EXPORTER.append(HTMLExporter(config=c, extra_loaders=[jinja2.DictLoader({"offline.html.j2": _OFFLINE_TEMPLATE})],
-                                      template_file="offline.html.j2"))
+        _EXPORTER.append(HTMLExporter(config=_html_config(), template_file="offline.html.j2",
+                                      extra_loaders=[jinja2.DictLoader({"offline.html.j2": _OFFLINE_TEMPLATE})]))
     return _EXPORTER[0]
 
+# %% ../nbs/06f_execute.ipynb #65268720
 def _warm_html_exporter():
     "Build the exporter and convert a one-cell notebook: the template compiles now (~1 s), not after the run."
     import nbformat
     _html_exporter().from_notebook_node(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")]))
 
+# %% ../nbs/06f_execute.ipynb #58714260
 def write_html(nb_path:str|Path, # an executed notebook
                html_path:str|Path|None=None, # destination; default: beside it with .html
               )->Path:
-    "Convert a notebook to self-contained HTML that fetches nothing from the network."
+    "Convert a notebook to self-contained HTML that fetches nothing from the network, its tagged cells hidden."
     import nbformat
     nb_path = Path(nb_path)
     html_path = Path(html_path) if html_path else nb_path.with_suffix(".html")
@@ -54,21 +69,21 @@ def write_html(nb_path:str|Path, # an executed notebook
     atomic_write(html_path, body)
     return html_path
 
-# %% ../nbs/06f_execute.ipynb #9a59d448
+# %% ../nbs/06f_execute.ipynb #8e93725f
 def write_summary(nb_path:str|Path, # an executed training notebook
-                  rec:dict, # the run's final metrics.json record
+                  summary:str, # the Markdown to show (`notebook_run.summary_markdown`)
                  )->bool:
-    "Replace the output of the cell tagged `summary` with `rec`'s result table; False when there is no such cell."
+    "Replace the output of the cell tagged `summary` with `summary`; False when there is no such cell."
     import nbformat
     nb_path = Path(nb_path)
     nb = nbformat.read(nb_path, as_version=4)
     cell = next((c for c in nb.cells if "summary" in c.get("metadata", {}).get("tags", [])), None)
     if cell is None: return False
-    cell.outputs = [nbformat.v4.new_output("display_data", data={"text/markdown": run_summary(rec), "text/plain": run_summary(rec)})]
+    cell.outputs = [nbformat.v4.new_output("display_data", data={"text/markdown": summary, "text/plain": summary})]
     atomic_write(nb_path, nbformat.writes(nb))
     return True
 
-# %% ../nbs/06f_execute.ipynb #1c924d62
+# %% ../nbs/06f_execute.ipynb #530b0bb4
 _KERNELS = weakref.WeakSet()
 
 def _kernel_manager_class(log_path:Path|None):
@@ -83,36 +98,27 @@ def _kernel_manager_class(log_path:Path|None):
             return await super().start_kernel(**kw)
     return TrackedKernelManager
 
-def _kernel_pids():
+# %% ../nbs/06f_execute.ipynb #010e5fd3
+def _kernel_pids()->list:
+    "The process ids of the kernels this process started that still run."
     pids = []
     for km in list(_KERNELS):
         proc = getattr(getattr(km, "provisioner", None), "process", None)
         if proc is not None and proc.poll() is None: pids.append(proc.pid)
     return pids
 
-class forward_signals:
+# %% ../nbs/06f_execute.ipynb #29a585df
+class forward_signals(SignalGuard):
     "While active (main thread only), SIGINT and SIGTERM are passed on to our kernels; `.received` names them."
-    signals = (signal.SIGINT, signal.SIGTERM)
-    def __init__(self): self.received, self.prev = [], {}
-
-    def _handle(self, signum, frame):
-        self.received.append(signal.Signals(signum).name)
+    def on_signal(self, name:str):
         for pid in _kernel_pids():
-            try: os.kill(pid, signum)
+            try: os.kill(pid, signal.Signals[name])
             except ProcessLookupError: pass
 
     @property
     def exit_status(self)->int|None:
         "128 + the first signal's number (130 for SIGINT, 143 for SIGTERM), or None when none came."
-        return 128 + signal.Signals[self.received[0]].value if self.received else None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in self.signals: self.prev[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self.prev.items(): signal.signal(s, h)
+        return 128 + signal.Signals[self.signame].value if self.requested else None
 
 # %% ../nbs/06f_execute.ipynb #7f9b2f8e
 _END = "\x00end\n"
@@ -137,7 +143,7 @@ class Console:
     def close(self):
         os.write(self.fd, _END.encode()); self.thread.join(); os.close(self.fd)
 
-# %% ../nbs/06f_execute.ipynb #99d5827b
+# %% ../nbs/06f_execute.ipynb #d28fefe5
 def runbook(name:str="train_expert" # notebook name in nbs/
            )->Path:
     "Path of one of the parameterized notebooks that papermill executes."
@@ -145,6 +151,15 @@ def runbook(name:str="train_expert" # notebook name in nbs/
     if not p.exists(): raise FileNotFoundError(f"runbook {p} not found; run expert-lab from the project checkout")
     return p
 
+# %% ../nbs/06f_execute.ipynb #1bf442a8
+def _kernel_config(folder:str # the run's private temporary folder
+                  ):
+    "A jupyter_client configuration whose kernel listens on IPC sockets in `folder`."
+    from traitlets.config import Config
+    c = Config(); c.KernelManager.transport = "ipc"; c.KernelManager.ip = f"{folder}/k"
+    return c
+
+# %% ../nbs/06f_execute.ipynb #9cdda62b
 def execute_notebook(src:Path, # notebook to run
                      dst:Path, # where the executed notebook goes
                      parameters:dict, # papermill parameters (plain literals)
@@ -153,26 +168,23 @@ def execute_notebook(src:Path, # notebook to run
                     )->Exception|None:
     "Execute `src` into `dst` with papermill; return the execution error (if any) after writing `dst`."
     import papermill as pm
-    from traitlets.config import Config
     logging.getLogger("papermill").setLevel(logging.ERROR)
     tmp = tempfile.mkdtemp(prefix="expert-lab-kernel-")
-    kcfg = Config(); kcfg.KernelManager.transport = "ipc"; kcfg.KernelManager.ip = f"{tmp}/k"
     con = Console(tmp, console) if console is not None else None
     threading.Thread(target=_warm_html_exporter, daemon=True).start()  # while the kernel works, not after it
     log = open(log_path, "a") if log_path is not None else None
-    err = None
     try:
         pm.execute_notebook(str(src), str(dst), parameters={**parameters, **({"console": str(con.path)} if con else {})},
                             kernel_name=KERNEL_NAME, log_output=False, progress_bar=False, stdout_file=log, stderr_file=log,
-                            request_save_on_cell_execute=True, config=kcfg, kernel_manager_class=_kernel_manager_class(log_path),
+                            request_save_on_cell_execute=True, config=_kernel_config(tmp), kernel_manager_class=_kernel_manager_class(log_path),
                             shutdown_kernel="immediate")  # the notebook closes its own files; a graceful shutdown costs ~2 s
-    except Exception as e: err = e  # a failed cell, or a kernel that died or never started: keep whatever notebook exists
+    except Exception as e: return e  # a failed cell, or a kernel that died or never started: keep whatever notebook exists
     finally:
         if con is not None: con.close()
         if log is not None: log.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    return err
 
+# %% ../nbs/06f_execute.ipynb #c6910f15
 def error_line(err:Exception # from `execute_notebook`
               )->str:
     "The one line that says what went wrong inside a notebook."
@@ -180,15 +192,16 @@ def error_line(err:Exception # from `execute_notebook`
     if isinstance(err, pm.PapermillExecutionError): return f"{err.ename}: {err.evalue}"
     return f"{type(err).__name__}: {err}"
 
-# %% ../nbs/06f_execute.ipynb #f6f81158
-def _keep_previous_report(run_dir):
-    "A resumed run keeps the reports of its earlier attempts in previous/."
+# %% ../nbs/06f_execute.ipynb #4a91fd57
+def _keep_previous_report(run_dir:Path):
+    "Move report.ipynb and report.html to previous/report-<n>.* (n: the attempt's number)."
     if not (run_dir/"report.ipynb").exists(): return
     prev = run_dir/"previous"; prev.mkdir(exist_ok=True)
     n = len(list(prev.glob("report-*.ipynb"))) + 1
     for ext in ("ipynb", "html"):
         if (run_dir/f"report.{ext}").exists(): os.replace(run_dir/f"report.{ext}", prev/f"report-{n}.{ext}")
 
+# %% ../nbs/06f_execute.ipynb #51ba4291
 def dead_kernel_record(err:Exception|None, # what `execute_notebook` returned
                       )->dict:
     "The final fields of a run whose notebook ended without finishing its record: interrupted if its kernel died."
@@ -197,20 +210,39 @@ def dead_kernel_record(err:Exception|None, # what `execute_notebook` returned
         return dict(status="interrupted", stop_reason="killed", error="the kernel died (killed by a signal, or out of memory)")
     return dict(status="failed", stop_reason="error", error=error_line(err) if err else "the notebook ended without a result")
 
-# %% ../nbs/06f_execute.ipynb #010e5fd3
-def _finish_unfinished(run_dir, rec, err):
+# %% ../nbs/06f_execute.ipynb #6ed5c982
+def _finish_unfinished(run_dir:Path, rec:dict, err:Exception|None)->dict:
     "The record of a notebook that ended without finishing it (it failed early or its kernel died)."
     try: return finish_record(run_dir, dead_kernel_record(err))
     except DiskError as e:
         return {**rec, **dead_kernel_record(err), "error": f"{dead_kernel_record(err)['error']}; metrics.json not updated: {e}"}
 
-def _finish_report(run_dir, rec, console):
+# %% ../nbs/06f_execute.ipynb #0558d776
+def _finish_report(run_dir:Path, summary:str, console=None):
     "Put the result into the report's summary cell and write its HTML copy; on a full disk, say so and go on."
     if not (run_dir/"report.ipynb").exists(): return
-    try: write_summary(run_dir/"report.ipynb", rec); write_html(run_dir/"report.ipynb")
+    try: write_summary(run_dir/"report.ipynb", summary); write_html(run_dir/"report.ipynb")
     except DiskError as e: (console or print)(f"warning: the report was not finished: {e}")
 
-# %% ../nbs/06f_execute.ipynb #b84b9dad
+# %% ../nbs/06f_execute.ipynb #c8e7e4f9
+def _run_parameters(cfg:TrainConfig, sources:dict, run_dir:Path, resume:bool, lock)->dict:
+    "papermill parameters of a training run that expert-lab resolved and holds."
+    return dict(config_json=json.dumps({"config": asdict(cfg), "sources": sources}), run_dir=str(run_dir), resume=resume,
+                lock_token=lock.token)
+
+# %% ../nbs/06f_execute.ipynb #fe2cd265
+def _attempt(cfg:TrainConfig, sources:dict, run_dir:Path, resume:bool, lock, console=None, extra:dict|None=None)->dict:
+    "One attempt at a run whose folder we hold: the final metrics.json record."
+    _keep_previous_report(run_dir)
+    start_record(run_dir, cfg, sources, extra, with_provenance=False)
+    err = execute_notebook(runbook(), run_dir/"report.ipynb", _run_parameters(cfg, sources, run_dir, resume, lock),
+                           console=console, log_path=run_dir/"run.log")
+    rec = read_json(run_dir/"metrics.json", {})
+    if rec.get("status") in (None, "running"): rec = _finish_unfinished(run_dir, rec, err)  # failed early, or died
+    _finish_report(run_dir, summary_markdown(rec, run_dir, cfg), console)
+    return rec
+
+# %% ../nbs/06f_execute.ipynb #fe87279e
 def run_expert(cfg:TrainConfig, # resolved, checked config
                sources:dict, # where each value came from
                run_dir:Path|None=None, # run folder; default: a new one
@@ -220,27 +252,19 @@ def run_expert(cfg:TrainConfig, # resolved, checked config
               )->dict:
     "Train one expert by executing the training notebook into its run folder; return metrics.json's final record."
     from expert_lab.lock import RunLock
-    src = runbook()  # a missing runbook is said before any folder is made
+    runbook()  # a missing runbook is said before any folder is made
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
     takeover = lock.acquire()  # a second writer is refused here (RunBusy), before anything is written
     try:
         if takeover: (console or print)(takeover)
-        _keep_previous_report(run_dir)
-        start_record(run_dir, cfg, sources, extra, with_provenance=False)  # the kernel adds it: it imports torch anyway
-        params = dict(config_json=json.dumps({"config": asdict(cfg), "sources": sources}), run_dir=str(run_dir), resume=resume,
-                      lock_token=lock.token)  # the kernel joins our hold, and stops if it is ever lost
-        err = execute_notebook(src, run_dir/"report.ipynb", params, console=console, log_path=run_dir/"run.log")
-        rec = read_json(run_dir/"metrics.json", {})
-        if rec.get("status") in (None, "running"): rec = _finish_unfinished(run_dir, rec, err)  # failed early, or died
-        _finish_report(run_dir, rec, console)
+        rec = {**_attempt(cfg, sources, run_dir, resume, lock, console, extra), "run_dir": str(run_dir)}
     finally: lock.release()
-    rec = {**rec, "run_dir": str(run_dir)}
     if rec.get("status") != "completed": raise RunFailed(run_dir, rec.get("error") or rec.get("status"), rec)
     return rec
 
-# %% ../nbs/06f_execute.ipynb #29a585df
+# %% ../nbs/06f_execute.ipynb #a9d68d5b
 def report_notebook(name:str, # runbook in nbs/: compare_runs, ensemble, sweep_report
                     parameters:dict, # papermill parameters
                     root:str|Path|None=None, # runs folder; default from the site settings
@@ -248,9 +272,9 @@ def report_notebook(name:str, # runbook in nbs/: compare_runs, ensemble, sweep_r
     "Execute an analysis runbook into runs/reports/<timestamp>-<name>/ and return the HTML report's path."
     import datetime as dt, secrets
     from expert_lab.catalog import runs_folder
-    if root is None: root = runs_folder()
+    root = runs_folder() if root is None else Path(root)
     src = runbook(name)  # a missing runbook is said before anything is created
-    out = Path(root)/"reports"/f"{dt.datetime.now():%Y%m%d-%H%M%S}-{name}-{secrets.token_hex(2)}"
+    out = root/"reports"/f"{dt.datetime.now():%Y%m%d-%H%M%S}-{name}-{secrets.token_hex(2)}"
     out.mkdir(parents=True)
     err = execute_notebook(src, out/"report.ipynb", {**parameters, "runs_dir": str(root)}, log_path=out/"run.log")
     if (out/"report.ipynb").exists(): write_html(out/"report.ipynb")

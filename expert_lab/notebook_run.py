@@ -11,11 +11,12 @@ from pathlib import Path
 from .config import (FIELD_TYPES, SOURCES, ConfigError, check_key, config_from_dict, explicit_args,
                                schedule_warning)
 from .files import write_csv
-from .runs import HISTORY_COLUMNS, finish_record, new_run_dir, record_provenance, start_record
+from .runs import HISTORY_COLUMNS, finish_record, new_run_dir, record_provenance, run_summary, start_record
 
 # %% auto #0
 __all__ = ['INTERNAL_PARAMETERS', 'SMOKE', 'console_tee', 'unknown_parameters', 'check_internal', 'read_config_json',
-           'one_line_errors', 'check_parameters', 'open_notebook_run', 'HoldFolder', 'HistoryCSV', 'recording']
+           'one_line_errors', 'check_parameters', 'open_notebook_run', 'HoldFolder', 'HistoryCSV', 'run_hooks',
+           'recording', 'readable', 'metrics_table', 'ensemble_report', 'summary_markdown']
 
 # %% ../nbs/06h_notebook_run.ipynb #ef6a3a7a
 class _Tee:
@@ -31,6 +32,7 @@ class _Tee:
     def isatty(self): return False
     def __getattr__(self, name): return getattr(self.main, name)
 
+# %% ../nbs/06h_notebook_run.ipynb #6421b3e4
 @contextmanager
 def console_tee(path:str|Path|None # the parent's pipe; None or "" copies nothing
                ):
@@ -46,7 +48,7 @@ def console_tee(path:str|Path|None # the parent's pipe; None or "" copies nothin
         try: pipe.close()
         except OSError: pass  # the parent went away: what it missed is in the report; the run's own outcome stands
 
-# %% ../nbs/06h_notebook_run.ipynb #4ee3dbf5
+# %% ../nbs/06h_notebook_run.ipynb #ace97e4e
 INTERNAL_PARAMETERS = dict(smoke=(bool, None), config_json=(str, None), run_dir=(str, None), resume=(bool,),
                            lock_token=(str, None), console=(str, None))  # name: allowed types (None: may be left out)
 
@@ -57,6 +59,7 @@ def unknown_parameters(params:dict, # the notebook's globals
     def injected(k, v): return not (k in before or k.startswith("_") or inspect.ismodule(v) or callable(v))
     return sorted(k for k, v in params.items() if injected(k, v) and k not in FIELD_TYPES and k not in INTERNAL_PARAMETERS)
 
+# %% ../nbs/06h_notebook_run.ipynb #770424fa
 def check_internal(params:dict # the notebook's globals
                   ):
     "Raise a one-line `ConfigError` when an internal parameter has the wrong type."
@@ -66,15 +69,16 @@ def check_internal(params:dict # the notebook's globals
         want = " or ".join("None" if t is None else {bool: "True or False", str: "text"}[t] for t in kinds)
         raise ConfigError(f"{k}: expected {want}, got {v!r} ({type(v).__name__})")
 
-# %% ../nbs/06h_notebook_run.ipynb #ace97e4e
+# %% ../nbs/06h_notebook_run.ipynb #d3993850
+_FORM = 'JSON of {"config": {key: value, ...}, "sources": {key: layer, ...}}'
+
 def read_config_json(text:str # the `config_json` parameter
                     )->tuple:
     "Parse and check `config_json`: (TrainConfig, sources), or a one-line `ConfigError`."
-    form = 'JSON of {"config": {key: value, ...}, "sources": {key: layer, ...}}'
     try: j = json.loads(text)
-    except json.JSONDecodeError as e: raise ConfigError(f"config_json: not {form} ({e.msg} at character {e.pos})") from None
+    except json.JSONDecodeError as e: raise ConfigError(f"config_json: not {_FORM} ({e.msg} at character {e.pos})") from None
     if not (isinstance(j, dict) and isinstance(j.get("config"), dict) and isinstance(j.get("sources"), dict)):
-        raise ConfigError(f"config_json: not {form}")
+        raise ConfigError(f"config_json: not {_FORM}")
     values = {check_key(k): v for k, v in j["config"].items()}
     if missing := sorted(set(FIELD_TYPES) - set(values)): raise ConfigError(f"config_json: keys missing: {', '.join(missing)}")
     cfg = config_from_dict(values, "config_json")
@@ -83,13 +87,14 @@ def read_config_json(text:str # the `config_json` parameter
         raise ConfigError(f"config_json: source {k}={v!r}: keys are config keys, sources one of {', '.join(SOURCES)}")
     return cfg, j["sources"]
 
-# %% ../nbs/06h_notebook_run.ipynb #770424fa
+# %% ../nbs/06h_notebook_run.ipynb #9a93d8fb
 def _bad_input():
     from expert_lab.checkpoint import CheckpointError
     from expert_lab.data import DatasetError
     from expert_lab.lock import RunBusy
     return (ConfigError, DatasetError, CheckpointError, RunBusy)
 
+# %% ../nbs/06h_notebook_run.ipynb #11f36a9e
 @contextmanager
 def one_line_errors():
     "Inside the notebook: a refusal of bad input raised in the block is shown as its one line, without a traceback."
@@ -99,10 +104,7 @@ def one_line_errors():
         e._render_traceback_ = lambda: [line]
         raise
 
-# %% ../nbs/06h_notebook_run.ipynb #d3993850
-SMOKE = dict(model="wideresnet10_1", dataset="digits", n_experts=2, epochs=2, restart_period=2, batch_size=64, lr=0.05,
-             steps_per_epoch=3)
-
+# %% ../nbs/06h_notebook_run.ipynb #7b072732
 def check_parameters(params:dict # the notebook's globals; `_before_parameters` is taken out (a re-run checks anew)
                     ):
     "Refuse, in one line, a parameter the notebook does not have or an internal one of the wrong type."
@@ -110,6 +112,7 @@ def check_parameters(params:dict # the notebook's globals; `_before_parameters` 
     if before is not None and (names := unknown_parameters(params, before)): check_key(names[0])  # raises, naming the nearest key
     check_internal(params)
 
+# %% ../nbs/06h_notebook_run.ipynb #acd3ed89
 def _join_run(params):
     "expert-lab resolved, checked, and holds the folder: join its hold."
     from expert_lab.lock import RunLock
@@ -122,29 +125,38 @@ def _join_run(params):
     record_provenance(run_dir)
     return cfg, sources, run_dir, lock
 
+# %% ../nbs/06h_notebook_run.ipynb #e0c98a72
+SMOKE = dict(model="wideresnet10_1", dataset="digits", n_experts=2, epochs=2, restart_period=2, batch_size=64, lr=0.05,
+             steps_per_epoch=3)
+
+def _own_run(params):
+    "Plain papermill or JupyterLab: resolve and check as `expert-lab train` does, then take a folder."
+    from expert_lab.lock import RunLock
+    from expert_lab.preflight import preflight, resolve_run
+    smoke = params.get("smoke")
+    if smoke is None: smoke = bool(os.environ.get("JPY_SESSION_NAME"))
+    cfg, sources = resolve_run({**SMOKE, **explicit_args(params)} if smoke else explicit_args(params))
+    if w := schedule_warning(cfg): print(w)
+    run_dir, resume = params.get("run_dir") or None, params.get("resume", True)
+    preflight([cfg], run_dir, resume)
+    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)  # names the papermill command that started this kernel as the holder
+    if takeover := lock.acquire(): print(takeover)
+    return cfg, sources, run_dir, lock
+
+# %% ../nbs/06h_notebook_run.ipynb #fb228f4f
 def open_notebook_run(params:dict, # the notebook's parameters (its globals() will do)
                      )->tuple:
     "Check the parameters and the config, take the run folder and start its record: (cfg, sources, run_dir, lock or None)."
-    from expert_lab.lock import RunLock
-    from expert_lab.preflight import preflight, resolve_run
     with one_line_errors():
         check_parameters(params)
         if params.get("config_json"): return _join_run(params)
-        smoke = params.get("smoke")
-        if smoke is None: smoke = bool(os.environ.get("JPY_SESSION_NAME"))
-        args = explicit_args(params)
-        cfg, sources = resolve_run({**SMOKE, **args} if smoke else args)
-        if w := schedule_warning(cfg): print(w)
-        run_dir, resume = params.get("run_dir") or None, params.get("resume", True)
-        preflight([cfg], run_dir, resume)
-        run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(run_dir)  # names the papermill command that started this kernel as the holder
-        if takeover := lock.acquire(): print(takeover)
+        cfg, sources, run_dir, lock = _own_run(params)
     start_record(run_dir, cfg, sources)
     return cfg, sources, run_dir, lock
 
-# %% ../nbs/06h_notebook_run.ipynb #9a93d8fb
+# %% ../nbs/06h_notebook_run.ipynb #2cf42007
 class HoldFolder:
     "A training hook that renews the run folder's lock each epoch; it raises `RunBusy` (stopping the run) once lost."
     def __init__(self, lock # the notebook's `RunLock`, or None
@@ -152,11 +164,25 @@ class HoldFolder:
     def on_epoch_end(self, record, state):
         if self.lock is not None: self.lock.refresh()
 
+# %% ../nbs/06h_notebook_run.ipynb #bad877d1
 class HistoryCSV:
     "A training hook that rewrites history.csv with the whole history after every epoch."
     def __init__(self, path:str|Path # the run's history.csv
                 ): self.path = Path(path)
     def on_epoch_end(self, record, state): write_csv(self.path, state.history, HISTORY_COLUMNS)
+
+# %% ../nbs/06h_notebook_run.ipynb #8c3950ca
+def run_hooks(cfg, # the run's resolved config
+              run_dir:str|Path, # the run folder
+              lock=None, # the notebook's `RunLock`, or None
+             )->list:
+    "The training hooks of a run from the runbook: hold, history, tracking, and a tuning trial's hook."
+    from expert_lab.tracking import tracking_hooks
+    hooks = [HoldFolder(lock), HistoryCSV(Path(run_dir)/"history.csv"), *tracking_hooks(cfg, Path(run_dir))]
+    if cfg.study:
+        from expert_lab.tune import trial_hook  # brings optuna (measured 0.6 s): only a trial pays for it
+        hooks.append(trial_hook(cfg, run_dir))
+    return hooks
 
 # %% ../nbs/06h_notebook_run.ipynb #1d1cf081
 @contextmanager
@@ -173,3 +199,52 @@ def recording(run_dir:str|Path, # the run folder
         finish_record(run_dir, dict(status="failed", stop_reason="error", error=f"{type(e).__name__}: {e}")); raise
     finally:
         if lock is not None: lock.release()
+
+# %% ../nbs/06h_notebook_run.ipynb #43a1e559
+def readable(v, # a value from a run's record
+             percent:bool=False, # show a fraction as a percent with 2 decimals
+            )->str:
+    "`v` as a reader wants it: floats to 4 significant digits (or a percent), None as -, anything else as it is."
+    if v is None: return "-"
+    if isinstance(v, float): return f"{100*v:.2f}%" if percent else f"{v:.4g}"
+    return str(v)
+
+# %% ../nbs/06h_notebook_run.ipynb #ef323844
+def metrics_table(metrics:dict, # the run's final record
+                  keys:tuple, # which entries to show, in order
+                 )->str:
+    "A Markdown table of `keys` from `metrics`, each number rounded for reading."
+    pct = lambda k: k.endswith(("_acc", "_top5"))
+    return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {readable(metrics.get(k), pct(k))} |" for k in keys)
+
+# %% ../nbs/06h_notebook_run.ipynb #4448a554
+def _ensemble_of(params:dict, model:str, group:str)->bool:
+    "Whether an ensemble report with papermill `params` combines `model`'s group `group` (iid-4; or kind iid, any n)."
+    kind, n = group.rsplit("-", 1) if "-" in group else (group, "")
+    if params.get("model") != model: return False
+    return params.get("partition") == group or (params.get("partition") == kind and params.get("n_experts") in (0, int(n or 0)))
+
+# %% ../nbs/06h_notebook_run.ipynb #62456bfa
+def ensemble_report(run_dir:str|Path, # a run folder, <runs>/<model>/<group>/expert-<k>/<stamp>
+                    root:str|Path, # the runs folder
+                   )->Path|None:
+    "The newest ensemble report (report.html) of `run_dir`'s model and group, or None."
+    if len(Path(run_dir).parts) < 4: return None  # not inside a runs folder
+    model, group = Path(run_dir).parts[-4:-2]
+    for d in sorted(Path(root).glob("reports/*-ensemble-*"), reverse=True):
+        try: params = json.loads((d/"report.ipynb").read_text())["metadata"]["papermill"]["parameters"]
+        except (OSError, ValueError, KeyError, TypeError): continue  # a report still being written, or damaged
+        if (d/"report.html").exists() and _ensemble_of(params, model, group): return d/"report.html"
+    return None
+
+# %% ../nbs/06h_notebook_run.ipynb #788ba7c1
+def summary_markdown(rec:dict, # the run's final metrics.json record
+                     run_dir:str|Path, # the run folder
+                     root, # the runs folder, or the run's config (its `runs_dir`)
+                    )->str:
+    "The run's result table, then links to the runs folder's index and the group's ensemble report."
+    from expert_lab.catalog import runs_folder
+    root, run_dir = runs_folder(root), Path(run_dir)
+    links = [f"[all runs]({os.path.relpath(root/'index.html', run_dir)})"]
+    if ens := ensemble_report(run_dir, root): links.append(f"[ensemble of this group]({os.path.relpath(ens, run_dir)})")
+    return run_summary(rec) + "\n\n" + " · ".join(links)

@@ -7,10 +7,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 if TYPE_CHECKING: import pandas as pd
 
 # %% auto #0
-__all__ = ['history_frame', 'plot_learning_curves', 'plot_schedule', 'plot_per_class', 'confused_pairs', 'plot_leaderboard']
+__all__ = ['history_frame', 'plot_learning_curves', 'plot_schedule', 'plot_per_class', 'confused_pairs', 'plot_leaderboard',
+           'plot_val_curves', 'plot_acc_vs_params', 'plot_gate_weights', 'plot_accuracy_vs_n']
 
 # %% ../nbs/06a_plots.ipynb #85cd40b7
 def _series(history:list[dict], # one dict per epoch
@@ -19,6 +21,7 @@ def _series(history:list[dict], # one dict per epoch
     "`key` of every epoch as floats, NaN where an epoch has no value."
     return np.array([np.nan if h.get(key) is None else float(h[key]) for h in history], dtype=float)
 
+# %% ../nbs/06a_plots.ipynb #b6cfd71b
 def _epochs(history:list[dict])->list[dict]:
     "The history sorted by epoch."
     return sorted(history, key=lambda h: h["epoch"])
@@ -29,13 +32,14 @@ def _line(ax, x, y, label=None, color=None):
     ok = ~np.isnan(y)
     return ax.plot(x[ok], y[ok], label=label, color=color, marker="o" if len(x) < 30 else None, markersize=5)[0]
 
-# %% ../nbs/06a_plots.ipynb #b6cfd71b
+# %% ../nbs/06a_plots.ipynb #85da98e5
 def history_frame(history:list[dict] # one dict per epoch, as `train` records it
                  )->pd.DataFrame:
     "The history as a DataFrame indexed by epoch."
     import pandas as pd
     return pd.DataFrame(history).set_index("epoch")
 
+# %% ../nbs/06a_plots.ipynb #d49bad05
 def plot_learning_curves(history:list[dict] # one dict per epoch
                         ):
     "Loss and accuracy per epoch, train against validation (and EMA when present)."
@@ -68,7 +72,7 @@ def plot_schedule(history:list[dict] # one dict per epoch
     fig.tight_layout()
     return fig
 
-# %% ../nbs/06a_plots.ipynb #85da98e5
+# %% ../nbs/06a_plots.ipynb #3939d8f8
 def plot_per_class(per_class_acc:list[float], # accuracy of each class
                    classes:list[str], # class names
                    k:int=15, # show the k worst and k best classes
@@ -87,6 +91,7 @@ def plot_per_class(per_class_acc:list[float], # accuracy of each class
     fig.tight_layout()
     return fig
 
+# %% ../nbs/06a_plots.ipynb #9c6f5da9
 def confused_pairs(confusion:list[list[int]], # confusion[true][predicted]
                    classes:list[str], # class names
                    k:int=10, # how many pairs
@@ -107,4 +112,60 @@ def plot_leaderboard(runs:pd.DataFrame # rows from `list_runs` (model, partition
     sns.stripplot(df, y="model", x="test_acc", hue="partition", dodge=False, size=8, ax=ax)
     ax.set_title("test accuracy per run"); ax.set_xlabel("test top-1 accuracy")
     fig.tight_layout()
+    return fig
+
+# %% ../nbs/06a_plots.ipynb #385a6478
+def plot_val_curves(hist:pd.DataFrame # columns epoch, val_acc, model, partition, run (from `catalog.run_histories`)
+                   )->plt.Figure:
+    "Validation accuracy per epoch of every run: colour by model, line style by partition."
+    import seaborn as sns
+    fig, ax = plt.subplots(figsize=(10, 4))
+    sns.lineplot(hist, x="epoch", y="val_acc", hue="model", style="partition", units="run", estimator=None, ax=ax,
+                 marker="o" if hist.epoch.max() < 30 else None)
+    ax.set_title(f"validation accuracy of {hist.run.nunique()} runs"); ax.set_ylabel("validation top-1 accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1))
+    return fig
+
+# %% ../nbs/06a_plots.ipynb #2b302aba
+def plot_acc_vs_params(sized:pd.DataFrame # columns params, test_acc, model, partition: one row per run
+                      )->plt.Figure:
+    "Test accuracy of every run against its model's parameter count (log x)."
+    import seaborn as sns
+    fig, ax = plt.subplots(figsize=(8, 4))
+    sns.scatterplot(sized, x="params", y="test_acc", hue="model", style="partition", s=80, ax=ax)
+    ax.set_xscale("log"); ax.set_xlabel("parameters"); ax.set_ylabel("test top-1 accuracy")
+    ax.set_title("test accuracy against model size")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1))
+    return fig
+
+# %% ../nbs/06a_plots.ipynb #9959c9be
+def plot_gate_weights(weights:pd.DataFrame, # mean gate weight: one row per class (named), one column per expert
+                      experts:list|None=None, # the experts' ids, for the row labels; default 0, 1, ...
+                      title:str="the gate's weight per expert and class", # the figure's title
+                     )->plt.Figure:
+    "Heatmap of the mean gate weight of each expert (rows) over the test images of each class (columns)."
+    import seaborn as sns
+    n_classes, n_experts = weights.shape
+    experts = range(n_experts) if experts is None else experts
+    fig, ax = plt.subplots(figsize=(min(18, 2 + 0.25*n_classes), 1.2 + 0.45*n_experts))
+    sns.heatmap(weights.T, vmin=0, vmax=1, cmap="viridis", ax=ax, cbar_kws=dict(label="mean gate weight"),
+                xticklabels=max(1, n_classes//25), yticklabels=[f"expert {k}" for k in experts])
+    ax.set_xlabel("true class (test images)"); ax.set_title(title)
+    return fig
+
+# %% ../nbs/06a_plots.ipynb #67c05cc8
+def plot_accuracy_vs_n(curve:pd.DataFrame, # columns n_experts, method, acc: one row per subset and method
+                       best_single:float|None=None, # the best single expert's accuracy, drawn dashed
+                       title:str="accuracy against the number of experts", # the figure's title
+                      )->plt.Figure:
+    "Accuracy of each combination method against the number of experts combined, with the spread over subsets."
+    import seaborn as sns
+    fig, ax = plt.subplots(figsize=(8, 4))
+    nudge = curve.method.map({"mean": -0.04, "routed": 0.04}).fillna(0)
+    sns.lineplot(curve.assign(n_experts=curve.n_experts + nudge), x="n_experts", y="acc", hue="method", marker="o",
+                 errorbar=("pi", 100), err_style="bars", err_kws=dict(capsize=3), ax=ax)
+    if best_single is not None: ax.axhline(best_single, ls="--", c="gray", label="best single expert")
+    ax.set_xticks(range(1, int(curve.n_experts.max()) + 1)); ax.set_xlabel("experts combined"); ax.set_ylabel("test top-1 accuracy")
+    ax.set_title(title); ax.legend()
     return fig

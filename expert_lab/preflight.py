@@ -5,25 +5,35 @@
 # %% ../nbs/05e_preflight.ipynb #e4d815bf
 from __future__ import annotations
 from pathlib import Path
+from types import SimpleNamespace
 
 import os
+from .catalog import read_run
 from .config import ConfigError, TrainConfig, check_device_kind, did_you_mean, pick_device, project_path, resolve_config
+from .files import read_json
+from .lock import check_free
+from .tracking import check_tracking
 
 # %% auto #0
 __all__ = ['check_names', 'resolve_run', 'expert_ids', 'resolve_experts', 'ensure_data', 'check_devices', 'check_shards',
-           'check_run_dir', 'preflight']
+           'check_run_dir', 'nothing_to_train', 'preflight']
 
 # %% ../nbs/05e_preflight.ipynb #8d425f79
+def _heavy()->SimpleNamespace:
+    "The modules the checks need that import torch (data, experts, models, checkpoint), imported on first use."
+    # lazy: torch costs 4.3 s of a 4.9 s `expert-lab runs` (2-core VM at load 6, 2026-12-07; 0.6 s without it)
+    from expert_lab import checkpoint, data, experts, models
+    return SimpleNamespace(data=data, experts=experts, models=models, checkpoint=checkpoint)
+
+# %% ../nbs/05e_preflight.ipynb #f7df91e5
 def check_names(cfg:TrainConfig, # a fully resolved config
                 training:bool=True, # it is about to train here: also check its trackers and device kind (False: a run read back to evaluate)
                ):
     "Raise a `ConfigError` when the model, dataset or partition is unknown or impossible; when training, also the trackers and device kind."
-    from expert_lab.data import DATASETS
-    from expert_lab.experts import PARTITIONS, check_partition
-    from expert_lab.models import UnknownModelError, list_models, model_card
-    from expert_lab.tracking import check_tracking
-    try: model_card(cfg.model)
-    except UnknownModelError:
+    h = _heavy()
+    DATASETS, PARTITIONS, list_models = h.data.DATASETS, h.experts.PARTITIONS, h.models.list_models
+    try: h.models.model_card(cfg.model)
+    except h.models.UnknownModelError:
         raise ConfigError(f"model: unknown model {cfg.model!r}{did_you_mean(cfg.model, list_models())}; "
                           f"choose one of {', '.join(list_models())} or wideresnet<depth>_<width>") from None
     except ValueError as e: raise ConfigError(f"model: {e}") from None  # a parametric name with impossible numbers
@@ -31,15 +41,14 @@ def check_names(cfg:TrainConfig, # a fully resolved config
         raise ConfigError(f"dataset: {cfg.dataset!r} is not one of {', '.join(DATASETS)}{did_you_mean(cfg.dataset, DATASETS)}")
     if cfg.partition not in PARTITIONS:
         raise ConfigError(f"partition: {cfg.partition!r} is not one of {', '.join(PARTITIONS)}{did_you_mean(cfg.partition, PARTITIONS)}")
-    try: check_partition(cfg.partition, cfg.n_experts, alpha=cfg.dirichlet_alpha, has_coarse=cfg.dataset == "cifar100")
+    try: h.experts.check_partition(cfg.partition, cfg.n_experts, alpha=cfg.dirichlet_alpha, has_coarse=cfg.dataset == "cifar100")
     except ValueError as e: raise ConfigError(f"partition: {e}") from None
     if not training: return  # a finished run trained on a GPU, with wandb, can still be evaluated on a laptop without either
     check_tracking(cfg)
     check_device_kind(cfg.device)
 
 def _recipe(model):
-    from expert_lab.models import recipe_defaults
-    try: return recipe_defaults(model)
+    try: return _heavy().models.recipe_defaults(model)
     except ValueError: return {}  # an unknown name: check_names says so, with the nearest one
 
 def resolve_run(args:dict|None=None, # explicit values (flags, papermill parameters)
@@ -77,18 +86,18 @@ def resolve_experts(args:dict, # config values from the command line
         out.append((cfg, src))
     return out
 
-# %% ../nbs/05e_preflight.ipynb #41c7def4
+# %% ../nbs/05e_preflight.ipynb #5d5077f9
 def ensure_data(cfg:TrainConfig # resolved config
                ):
     "Make sure the dataset is on disk (downloading CIFAR when it is missing and the network allows); `ConfigError` if not."
-    from expert_lab.data import DatasetError, check_dataset, load_dataset
+    data = _heavy().data
     root = project_path(cfg.data_root); existed = root.exists()
     try:
-        try: check_dataset(cfg.dataset, root, download=False)
-        except DatasetError:
+        try: data.check_dataset(cfg.dataset, root, download=False)
+        except data.DatasetError:
             if cfg.dataset not in ("cifar100", "cifar10"): raise
-            load_dataset(cfg.dataset, root, download=True)
-    except DatasetError as e:
+            data.load_dataset(cfg.dataset, root, download=True)
+    except data.DatasetError as e:
         if not existed and root.is_dir() and not any(root.iterdir()): root.rmdir()
         raise ConfigError(f"dataset: {e}") from None
 
@@ -98,17 +107,17 @@ def check_devices(cfgs:list # the configs of the runs about to start
     "Raise `ConfigError` when any run asks for a device this machine does not have."
     for name in dict.fromkeys(c.device for c in cfgs): pick_device(name)
 
-# %% ../nbs/05e_preflight.ipynb #ce712810
+# %% ../nbs/05e_preflight.ipynb #717a6e6f
 def _dataset(cfg):
-    from expert_lab.data import DatasetError, load_dataset
-    try: return load_dataset(cfg.dataset, project_path(cfg.data_root), download=False)
-    except DatasetError as e: raise ConfigError(f"dataset: {e}") from None
+    data = _heavy().data
+    try: return data.load_dataset(cfg.dataset, project_path(cfg.data_root), download=False)
+    except data.DatasetError as e: raise ConfigError(f"dataset: {e}") from None
 
 def check_shards(cfgs:list, # configs of one group of experts: same dataset, partition and seed
                  ds=None, # the loaded dataset; default: load it as the runs will
                 )->dict:
     "Raise `ConfigError` unless validation fits and every expert's shard holds a batch; return {expert_id: shard size}."
-    from expert_lab.experts import check_batch_fits, expert_split
+    check_batch_fits, expert_split = _heavy().experts.check_batch_fits, _heavy().experts.expert_split
     ds = ds if ds is not None else _dataset(cfgs[0])
     if (n := cfgs[0].n_experts) > len(ds.train_y):  # before any split: its cost grows with n
         raise ConfigError(f"n_experts: {n} experts cannot share the {len(ds.train_y)} training images of {cfgs[0].dataset} "
@@ -125,15 +134,12 @@ def check_shards(cfgs:list, # configs of one group of experts: same dataset, par
         except ValueError as e: raise ConfigError(f"batch_size: {e} ({cfg.partition}, {cfg.n_experts} experts)") from None
     return sizes
 
-# %% ../nbs/05e_preflight.ipynb #717a6e6f
+# %% ../nbs/05e_preflight.ipynb #e94d25bc
 def check_run_dir(cfg:TrainConfig, # the config the run will train with
                   run_dir:str|Path, # the named run folder
                   resume:bool=True, # whether its checkpoint will be resumed
                  ):
     "Raise `RunBusy` when someone trains in `run_dir`; `ConfigError` when it is damaged or its checkpoint not resumable."
-    from expert_lab.catalog import read_run
-    from expert_lab.checkpoint import CheckpointError, load_resume
-    from expert_lab.lock import check_free
     run_dir = Path(run_dir)
     if not run_dir.exists(): return
     if not run_dir.is_dir(): raise ConfigError(f"run_dir: {run_dir} is a file, not a run folder; name a folder (new or a run's)")
@@ -141,8 +147,22 @@ def check_run_dir(cfg:TrainConfig, # the config the run will train with
     if (run_dir/"metrics.json").exists() and (row := read_run(run_dir))["status"] == "damaged":
         raise ConfigError(f"run_dir: {run_dir} is damaged ({row['reason']}); repair the file or choose another folder")
     if not resume or not (run_dir/"checkpoints"/"last.pt").exists(): return
-    try: load_resume(run_dir/"checkpoints", cfg)
-    except CheckpointError as e: raise ConfigError(f"checkpoint: {e}") from None
+    checkpoint = _heavy().checkpoint
+    try: checkpoint.load_resume(run_dir/"checkpoints", cfg)
+    except checkpoint.CheckpointError as e: raise ConfigError(f"checkpoint: {e}") from None
+
+# %% ../nbs/05e_preflight.ipynb #5f5053bf
+def nothing_to_train(run_dir:Path, # a run folder
+                     cfg:TrainConfig, # the config it was trained with
+                    )->str|None:
+    "The one line saying a completed run has no epoch left to train (it reached `epochs` or stopped early), else None."
+    rec = read_json(run_dir/"metrics.json", {})
+    if rec.get("status") != "completed": return None
+    done, why = rec.get("epochs_done") or 0, rec.get("stop_reason") or "epochs_done"
+    if why != "early_stop" and done < cfg.epochs: return None  # config.json asks for more epochs than were trained
+    acc = float("nan") if rec.get("test_acc") is None else rec["test_acc"]  # exactly 0 is 0.0000, not a missing value
+    return (f"expert {cfg.expert_id}: nothing to train: the run completed after {done} of {cfg.epochs} epochs ({why}), "
+            f"test accuracy {acc:.4f}; nothing was changed in {run_dir}")
 
 # %% ../nbs/05e_preflight.ipynb #cd38b6f2
 def preflight(cfgs:list, # configs of the runs about to start (one group: same dataset and partition)

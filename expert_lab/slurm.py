@@ -20,8 +20,8 @@ from .runs import expert_dir, new_run_dir
 
 # %% auto #0
 __all__ = ['SlurmError', 'SlurmUnavailable', 'SlurmResources', 'slurm_resources', 'cluster_partitions', 'check_slurm_resources',
-           'sbatch_options', 'array_spec', 'sbatch_script', 'record_submission', 'record_start', 'ExpertTask',
-           'submit_experts', 'slurm_states', 'slurm_state']
+           'sbatch_options', 'array_spec', 'sbatch_script', 'now_iso', 'record_submission', 'record_start',
+           'ExpertTask', 'submit_experts', 'slurm_states', 'slurm_state']
 
 # %% ../nbs/07_slurm.ipynb #77b980de
 class SlurmError(ConfigError):
@@ -175,8 +175,11 @@ def sbatch_script(expert_ids:list[int], # experts to train; they become the arra
     return "\n".join(["#!/bin/bash", *_sbatch_lines(opts), "", command, ""])
 
 # %% ../nbs/07_slurm.ipynb #6b9c2921
-def _now(): return dt.datetime.now().isoformat(timespec="seconds")
+def now_iso()->str:
+    "The local time now, to the second, as ISO text: the time stamp of every record (slurm.json, a sweep's record)."
+    return dt.datetime.now().isoformat(timespec="seconds")
 
+# %% ../nbs/07_slurm.ipynb #e8ff002c
 def record_submission(run_dir:Path, # the task's run folder
                       cfg:TrainConfig, # the expert it trains
                       job:submitit.Job|None, # the submitted task; None in examples
@@ -185,7 +188,7 @@ def record_submission(run_dir:Path, # the task's run folder
                      )->dict:
     "Write slurm.json (job id, logs, resources) and a `queued` metrics.json into `run_dir`; return slurm.json's record."
     job_id = job_id or job.job_id
-    rec = dict(job_id=job_id, submitted=_now(), resources=resources or {}, restarts=0, starts=[],
+    rec = dict(job_id=job_id, submitted=now_iso(), resources=resources or {}, restarts=0, starts=[],
                stdout=str(job.paths.stdout) if job else None, stderr=str(job.paths.stderr) if job else None)
     write_json(Path(run_dir)/"slurm.json", rec)
     write_json(Path(run_dir)/"metrics.json", dict(status="queued", model=cfg.model, partition=cfg.partition,
@@ -200,7 +203,7 @@ def record_start(run_dir:Path, # the task's run folder
     rec = read_json(p, {})
     job = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}"
     rec["restarts"] = int(env.get("SLURM_RESTART_COUNT") or 0)
-    rec.setdefault("starts", []).append(dict(at=_now(), host=os.uname().nodename, restart_count=rec["restarts"],
+    rec.setdefault("starts", []).append(dict(at=now_iso(), host=os.uname().nodename, restart_count=rec["restarts"],
                                              job_id=job or env.get("SLURM_JOB_ID")))
     write_json(p, rec)
     return rec

@@ -4,7 +4,8 @@
 
 # %% ../nbs/07a_sweeps.ipynb #51f10b10
 from __future__ import annotations
-import datetime as dt, hashlib, itertools, json, re, shlex, sys, threading
+import hashlib, itertools, json, re, shlex, sys, threading
+from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from .files import format_table, read_json, write_csv, write_json
 from .execute import run_expert
 from .catalog import runs_folder
 from .runs import RunFailed, new_run_dir
+from .preflight import ensure_data, resolve_experts  # the same rules as `train`: a sweep trains what train would
+from .slurm import now_iso, slurm_states, submit_experts
 
 # %% auto #0
 __all__ = ['NO_SWEEP', 'MAX_RUNS', 'sweep_values', 'grid_points', 'point_label', 'resolve_grid', 'sweep_id', 'check_sweep_id',
@@ -24,11 +27,14 @@ __all__ = ['NO_SWEEP', 'MAX_RUNS', 'sweep_values', 'grid_points', 'point_label',
 NO_SWEEP = ("data_root", "runs_dir", "device", "wandb_project", "wandb_mode")
 
 def _items(value):
+    "The items of a list, or of a comma-separated text; None for one value."
     if isinstance(value, (list, tuple)): return list(value)
     if isinstance(value, str) and "," in value: return [s.strip() for s in value.split(",")]
     return None
 
+# %% ../nbs/07a_sweeps.ipynb #e1f6abaf
 def _typed_list(key, value, items):
+    "`items` converted to `key`'s type; a `ConfigError` naming the list for a bad, empty or repeated item."
     if any(v == "" for v in items): raise ConfigError(f"{key}: the list {value!r} has an empty item")
     try: vals = [coerce(key, v) for v in items]
     except ConfigError as e: raise ConfigError(f"{e} (in the list {value!r})") from None
@@ -36,6 +42,7 @@ def _typed_list(key, value, items):
         if v in vals[:i]: raise ConfigError(f"{key}: {v!r} appears twice in the list {value!r}")
     return vals
 
+# %% ../nbs/07a_sweeps.ipynb #22597aea
 def sweep_values(args:dict, # config values from the command line: text ("0.05,0.1") or Python lists
                 )->dict:
     "The swept keys and their typed values, in the order given; a `ConfigError` for a list where none makes sense."
@@ -48,24 +55,23 @@ def sweep_values(args:dict, # config values from the command line: text ("0.05,0
         out[k] = _typed_list(k, value, items)
     return out
 
-# %% ../nbs/07a_sweeps.ipynb #e1f6abaf
+# %% ../nbs/07a_sweeps.ipynb #2e1f6ab7
 def grid_points(grid:dict # swept key -> values, from `sweep_values`
                )->list[dict]:
     "The cross product of the swept values, one dict per point (the last key varies fastest)."
     return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
 
+# %% ../nbs/07a_sweeps.ipynb #b5a5f87d
 def point_label(point:dict # swept key -> value
                )->str:
     "A point as `key=value` words, e.g. `lr=0.1 seed=0`."
     return " ".join(f"{k}={v}" for k, v in point.items()) or "(one point)"
 
-# %% ../nbs/07a_sweeps.ipynb #22597aea
+# %% ../nbs/07a_sweeps.ipynb #1a2faefb
 def resolve_grid(args:dict, # config values from the command line; lists sweep
                  expert_spec:str|None=None, # "3", "0,2", "all" or None, as for `expert-lab train --expert-id`
                 )->list[dict]:
     "One validated run per grid point and expert: `point`, `expert_id`, `config` and `sources`."
-    from dataclasses import asdict
-    from expert_lab.preflight import resolve_experts  # the same rule as `train`: a sweep trains what train would
     grid = sweep_values(args)
     fixed = {check_key(k): v for k, v in args.items() if check_key(k) not in grid}
     runs = []
@@ -75,7 +81,7 @@ def resolve_grid(args:dict, # config values from the command line; lists sweep
         runs += [dict(point=point, expert_id=c.expert_id, config=asdict(c), sources=s) for c, s in jobs]
     return runs
 
-# %% ../nbs/07a_sweeps.ipynb #2e1f6ab7
+# %% ../nbs/07a_sweeps.ipynb #92af8c35
 def sweep_id(runs:list[dict], # from `resolve_grid`
              keys:list, # the swept keys
             )->str:
@@ -83,6 +89,7 @@ def sweep_id(runs:list[dict], # from `resolve_grid`
     blob = json.dumps([(r["point"], r["config"]) for r in runs], sort_keys=True, default=str)
     return "-".join([*(keys or ["single"]), hashlib.sha1(blob.encode()).hexdigest()[:8]])
 
+# %% ../nbs/07a_sweeps.ipynb #af5e136b
 def check_sweep_id(name:str # a sweep id from the command line
                   )->str:
     "`name` if it can be a folder name, else a `ConfigError`."
@@ -90,25 +97,32 @@ def check_sweep_id(name:str # a sweep id from the command line
         raise ConfigError(f"sweep: {name!r} is not a sweep id (letters, digits, '.', '_' and '-', starting with a letter or digit)")
     return name
 
+# %% ../nbs/07a_sweeps.ipynb #47baa301
 def sweep_path(root:str|Path, # the runs folder
                sid:str, # sweep id
               )->Path:
     "Where a sweep's record lives: `<runs>/sweeps/<id>/sweep.json`."
     return Path(root)/"sweeps"/sid/"sweep.json"
 
-# %% ../nbs/07a_sweeps.ipynb #70ab0ca5
-def _timestamp(): return dt.datetime.now().isoformat(timespec="seconds")
-
+# %% ../nbs/07a_sweeps.ipynb #9fe6ed7f
 def new_record(sid:str, # sweep id
                grid:dict, # swept key -> values
                runs:list[dict], # from `resolve_grid`
               )->dict:
     "A sweep record whose runs have no folders yet."
-    return dict(id=sid, created=_timestamp(), grid=grid, n_runs=len(runs), invocations=[], runs=[{**r, "run_dir": None} for r in runs])
+    return dict(id=sid, created=now_iso(), grid=grid, n_runs=len(runs), invocations=[], runs=[{**r, "run_dir": None} for r in runs])
 
-def _key(r): return f"{point_label(r['point'])} expert {r['expert_id']}"
-def _shown(point): return {k: str(v) for k, v in point.items()}  # 1e-05 stays 1e-05 in a table
+# %% ../nbs/07a_sweeps.ipynb #97548f77
+def _key(r):
+    "A run's name in messages: its point and expert."
+    return f"{point_label(r['point'])} expert {r['expert_id']}"
 
+# %% ../nbs/07a_sweeps.ipynb #e3ff8888
+def _shown(point):
+    "A point's values as text, for tables."
+    return {k: str(v) for k, v in point.items()}  # 1e-05 stays 1e-05 in a table
+
+# %% ../nbs/07a_sweeps.ipynb #ef88adc4
 def grid_difference(rec:dict, # a recorded sweep
                     runs:list[dict], # from `resolve_grid`, now
                    )->str|None:
@@ -121,7 +135,7 @@ def grid_difference(rec:dict, # a recorded sweep
             return f"{k}: {diff[0]} was {old[k].get(diff[0])!r}, now {cfg[diff[0]]!r}"
     return None
 
-# %% ../nbs/07a_sweeps.ipynb #08dbf6ab
+# %% ../nbs/07a_sweeps.ipynb #0506a27f
 _ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING", "REQUEUE_HOLD", "REQUEUE_FED"}
 
 def recorded_state(run:dict, # one run of a sweep record
@@ -133,16 +147,15 @@ def recorded_state(run:dict, # one run of a sweep record
     if status in ("completed", "failed"): return status
     return "in_slurm" if (slurm or {}).get(run.get("slurm_job")) in _ACTIVE else "interrupted"
 
+# %% ../nbs/07a_sweeps.ipynb #634ebb12
 def sweep_states(rec:dict # a sweep record
                 )->list[str]:
     "Each run's state, asking Slurm (once) about runs that went through it."
     jobs = [r["slurm_job"] for r in rec["runs"] if r.get("slurm_job")]
-    slurm = {}
-    if jobs:
-        from expert_lab.slurm import slurm_states
-        slurm = slurm_states(jobs)
+    slurm = slurm_states(jobs) if jobs else {}
     return [recorded_state(r, slurm) for r in rec["runs"]]
 
+# %% ../nbs/07a_sweeps.ipynb #feb7ff5c
 def runs_to_do(states:list[str], # from `sweep_states`
                retry_failed:bool=False, # also run the failed ones again
               )->list[int]:
@@ -150,7 +163,7 @@ def runs_to_do(states:list[str], # from `sweep_states`
     want = {"pending", "interrupted"} | ({"failed"} if retry_failed else set())
     return [i for i, s in enumerate(states) if s in want]
 
-# %% ../nbs/07a_sweeps.ipynb #9c2f2212
+# %% ../nbs/07a_sweeps.ipynb #63ceddfb
 def sweep_rows(rec:dict, # a sweep record
                states:list[str]|None=None, # from `sweep_states`; default: read them
               )->list[dict]:
@@ -163,6 +176,7 @@ def sweep_rows(rec:dict, # a sweep record
                      "test_acc": m.get("test_acc"), "error": m.get("error") if s == "failed" else None, "run_dir": r.get("run_dir")})
     return rows
 
+# %% ../nbs/07a_sweeps.ipynb #9ea15247
 def write_sweep_summary(rec:dict, # a sweep record
                         path:Path, # its sweep.json
                         errors:dict|None=None, # run index -> error of this invocation (failures before metrics.json was written)
@@ -198,14 +212,13 @@ def train_run(rec:dict, # the sweep record (updated in place)
     except RunFailed as e: return {"status": "failed", "error": e.reason}
     except Exception as e: return {"status": "failed", "error": f"{type(e).__name__}: {e}"}  # one point never stops the others
 
-# %% ../nbs/07a_sweeps.ipynb #47baa301
+# %% ../nbs/07a_sweeps.ipynb #3c2326a6
 def submit_runs(rec:dict, # the sweep record (updated in place)
                 todo:list[int], # which runs
                 path:Path, # where the record is written
                 slurm_opts:dict|None=None, # `SlurmResources` overrides, e.g. array_parallelism=4
                )->list[tuple]:
     "Submit the runs `todo` as one Slurm array; return [(job_id, run_dir)]."
-    from expert_lab.slurm import submit_experts
     runs = [rec["runs"][i] for i in todo]
     res = submit_experts([(TrainConfig(**r["config"]), r["sources"]) for r in runs],
                          run_dirs=[Path(r["run_dir"]) if r["run_dir"] else None for r in runs],  # interrupted ones resume there
@@ -214,13 +227,14 @@ def submit_runs(rec:dict, # the sweep record (updated in place)
     write_json(path, rec)
     return res
 
-# %% ../nbs/07a_sweeps.ipynb #de617849
+# %% ../nbs/07a_sweeps.ipynb #a1729a9d
 def list_sweeps(root:str|Path # the runs folder
                )->list[str]:
     "The ids of the sweeps recorded under `root`, newest first."
     paths = sorted(Path(root).glob("sweeps/*/sweep.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     return [p.parent.name for p in paths]
 
+# %% ../nbs/07a_sweeps.ipynb #cec4adb9
 def load_sweep(sid:str, # sweep id
                root:str|Path, # the runs folder
               )->tuple[dict, Path]:
@@ -232,6 +246,7 @@ def load_sweep(sid:str, # sweep id
                           + (f"recorded sweeps: {', '.join(there[:10])}" if there else "there are no recorded sweeps"))
     return rec, path
 
+# %% ../nbs/07a_sweeps.ipynb #8cf0f8e9
 def open_sweep(args:dict, # config values from the command line; lists sweep
                expert_spec:str|None=None, # which experts, as for `expert-lab train --expert-id`
                sid:str|None=None, # a sweep id to continue or to name a new sweep; default: from the grid
@@ -267,29 +282,33 @@ def describe_sweep(rec:dict, # a sweep record
     table = format_table(rows[:limit], [*grid, "expert", "state", "action"])
     return "\n".join([*head, table] + ([f"... and {n - limit} more"] if n > limit else []))
 
-# %% ../nbs/07a_sweeps.ipynb #d45ee9ad
+# %% ../nbs/07a_sweeps.ipynb #ca009159
 MAX_RUNS = 500
 
 def _check_sweep_options(parallel, executor):
+    "A `ConfigError` for an executor or a parallelism that cannot be."
     if executor not in ("local", "slurm"): raise ConfigError(f"executor: {executor!r} is not one of local, slurm")
     if not isinstance(parallel, int) or parallel < 1: raise ConfigError(f"parallel: must be an integer >= 1, got {parallel!r}")
     if parallel > 1 and executor == "slurm":
         raise ConfigError(f"parallel: {parallel} applies to the local executor; on Slurm use --array-parallelism")
 
+# %% ../nbs/07a_sweeps.ipynb #bbe5db79
 def _ensure_data(rec, todo):
-    from expert_lab.preflight import ensure_data
+    "Make sure the dataset of every run in `todo` is on disk, once per dataset and folder; a `ConfigError` if one is not."
     seen = {}
     for i in todo:
         c = rec["runs"][i]["config"]
         seen.setdefault((c["dataset"], c["data_root"]), TrainConfig(**c))
     for cfg in seen.values(): ensure_data(cfg)
 
+# %% ../nbs/07a_sweeps.ipynb #cb6e938c
 def _run_local(rec, todo, path, parallel):
-    "Train the runs `todo`; return the errors of those that failed."
+    "Train the runs `todo`, `parallel` at once; return the errors of those that failed."
     lock = threading.Lock()
     with ThreadPoolExecutor(parallel) as pool: res = list(pool.map(lambda i: train_run(rec, i, path, lock, parallel == 1), todo))
     return {i: r.get("error") or r.get("status") for i, r in zip(todo, res) if r.get("status") != "completed"}
 
+# %% ../nbs/07a_sweeps.ipynb #03248747
 def run_sweep(args:dict, # config values from the command line; comma-separated text or lists sweep
               expert_spec:str|None=None, # "3", "0,2", "all" or None, as for `expert-lab train --expert-id`
               *, sweep_id:str|None=None, # continue (or name) this sweep; default: the id of the grid
@@ -309,7 +328,6 @@ def run_sweep(args:dict, # config values from the command line; comma-separated 
     if dry_run:
         print(describe_sweep(rec, states, todo, path))
         if executor == "slurm" and todo:
-            from expert_lab.slurm import submit_experts
             submit_experts([(TrainConfig(**rec["runs"][i]["config"]), rec["runs"][i]["sources"]) for i in todo],
                            dry_run=True, **(slurm_opts or {}))
         return 0
@@ -318,7 +336,7 @@ def run_sweep(args:dict, # config values from the command line; comma-separated 
                           f"(--dry-run shows the grid)")
     _ensure_data(rec, todo)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rec["invocations"].append(dict(at=_timestamp(), command=command or shlex.join(sys.argv), executor=executor, runs=len(todo)))
+    rec["invocations"].append(dict(at=now_iso(), command=command or shlex.join(sys.argv), executor=executor, runs=len(todo)))
     write_json(path, rec)
     if executor == "slurm":
         for job, d in (submit_runs(rec, todo, path, slurm_opts) if todo else []): print(f"{job}\t{d}")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #8af2f204
 from __future__ import annotations
-import signal, threading, time
+import time
 from dataclasses import dataclass, field, asdict
 from itertools import islice
 from pathlib import Path
@@ -26,6 +26,7 @@ from .recipe import (EMA, Labels, amp_dtype, autocast_for, determinism, lr_facto
                                objective_for)
 from .progress import Progress, progress_mode
 from .evaluation import evaluate, eval_loader
+from .signals import SignalGuard
 
 # %% auto #0
 __all__ = ['TrainState', 'setup_training', 'train_epoch', 'Outcome', 'TrainResult', 'train']
@@ -57,11 +58,10 @@ class TrainState:
     best_epoch: int|None = None  # epoch of the best validation accuracy so far
     best_val_acc: float|None = None  # that accuracy
     best_weights: str = "raw"  # which weights reached it: raw or ema
-    stop_reason: str|None = None  # set when the run has finished: epochs_done or early_stop (kept in checkpoints)
+    stop_reason: str|None = None  # set when the run has finished: epochs_done, early_stop (kept in checkpoints); a hook may set pruned
     restarts: int = 0  # how many times this run was resumed
     best_state: dict|None = None  # the best weights so far, in memory (not part of `state_dict`: best.pt holds them)
     objective: object = field(default_factory=Labels)  # the loss of a step, with its checkpoint entries, lines and metrics
-
     def state_dict(self)->dict:
         "Tensors and plain values that let this run continue exactly where it is."
         cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
@@ -168,27 +168,13 @@ def train_epoch(st:TrainState, # the run's state, updated in place
     return dict(train_loss=loss_sum/st.steps, train_acc=correct/n, seconds=seconds, images_per_sec=n/seconds,
                 first_bad_step=None if finite else int(first_bad) + 1)
 
-# %% ../nbs/05_train.ipynb #95f6e923
-class _StopOnSignal:
+# %% ../nbs/05_train.ipynb #5717e603
+class _StopOnSignal(SignalGuard):
     "While active, the first SIGINT/SIGTERM sets `.requested` (the loop stops between steps); a second one interrupts."
-    signals = (signal.SIGINT, signal.SIGTERM)
-    def __init__(self): self.requested, self.signame, self.prev = False, None, {}
-    def _handle(self, signum, frame):
-        if self.requested: raise KeyboardInterrupt
-        self.requested, self.signame = True, signal.Signals(signum).name
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set from the main thread
-            for s in self.signals: self.prev[s] = signal.getsignal(s); signal.signal(s, self._handle)
-        return self
-    def __exit__(self, *exc):
-        for s, h in self.prev.items(): signal.signal(s, h if h is not None else signal.SIG_DFL)
+    def on_signal(self, name):
+        if len(self.received) > 1: raise KeyboardInterrupt
 
-def _oom_message(cfg, device):
-    smaller = max(1, cfg.batch_size//2)
-    return (f"CUDA out of memory with batch_size={cfg.batch_size} ({cfg.model}, {cfg.precision} precision, on {device}). "
-            f"Try a smaller batch, e.g. --batch-size {smaller} (and --lr {cfg.lr*smaller/cfg.batch_size:g} to keep lr/batch).")
-
-# %% ../nbs/05_train.ipynb #0616f105
+# %% ../nbs/05_train.ipynb #871e194c
 def _validate(st, s, val):
     "The epoch's record: training summary, validation of the raw (and EMA) weights, learning rate and time."
     t0, cfg = time.perf_counter(), st.cfg
@@ -202,6 +188,7 @@ def _validate(st, s, val):
     return dict(rec, lr=cfg.lr*lr_factor(st.sched.last_epoch - 1, cfg, st.steps),  # the last step's learning rate
                 seconds=s["seconds"] + time.perf_counter() - t0, images_per_sec=s["images_per_sec"])
 
+# %% ../nbs/05_train.ipynb #80aa809d
 def _select(st, rec)->bool:
     "Keep the best weights (raw or EMA, whichever validates better); decide whether to stop. True if this epoch is the best."
     cfg = st.cfg
@@ -218,6 +205,7 @@ def _select(st, rec)->bool:
     elif st.epoch >= cfg.epochs: st.stop_reason = "epochs_done"
     return improved
 
+# %% ../nbs/05_train.ipynb #17da84e5
 def _summary(rec, st):
     "The epoch's line (and, when the run stops early, the line saying why)."
     f = lambda k: "-" if rec.get(k) is None else f"{rec[k]:.4f}"
@@ -227,44 +215,52 @@ def _summary(rec, st):
     return (f"epoch {rec['epoch']:>3}/{st.cfg.epochs}  train_loss {f('train_loss')}  train_acc {f('train_acc')}  val_loss "
             f"{f('val_loss')}  val_acc {f('val_acc')}{ema}  lr {rec['lr']:.5f}  {rec['seconds']:.1f}s  {rec['images_per_sec']:.0f} img/s{early}")
 
+# %% ../nbs/05_train.ipynb #47a02b12
 def _save(st, ckpt_dir, best=False):
     "Write the run's `best.pt` (when `best`) and `last.pt`, unless it keeps nothing on disk."
     if ckpt_dir is not None: save_epoch(st.state_dict(), ckpt_dir, best, keep_optimizer=st.cfg.keep_optimizer)
 
-# %% ../nbs/05_train.ipynb #44568d20
+# %% ../nbs/05_train.ipynb #474eb64e
 @dataclass(frozen=True)
 class Outcome:
     "How a run ended: the one value `train` reads the status, stop reason and error from."
-    status: str  # completed, interrupted or failed
-    stop_reason: str  # epochs_done, early_stop, interrupt, nan_loss or error
+    status: str  # completed, interrupted, pruned or failed
+    stop_reason: str  # epochs_done, early_stop, interrupt, pruned, nan_loss or error
     error: str|None = None  # what went wrong, for a failed run
     signal: str|None = None  # the signal that stopped an interrupted run (SIGINT, SIGTERM)
     stopped_at: dict|None = None  # where a stop by signal saved last.pt: {"epoch": e, "step": s} (s steps of epoch e done)
     saved: dict|None = None  # a disk refused a save: the progress the surviving last.pt holds, all the record may claim
 
+# %% ../nbs/05_train.ipynb #d1950f36
 def _ended(out, status, stop_reason, message, **how)->Outcome:
     "Print `message` and return the outcome it explains (a failed run keeps it as its error)."
     out.write(message)
     return Outcome(status, stop_reason, message if status == "failed" else None, **how)
 
+# %% ../nbs/05_train.ipynb #36fb4c56
 def _out_of_memory(st, out)->Outcome:
     "A failed outcome naming the batch size and a smaller one; the allocator's cache is given back."
     if st.device.type == "cuda": torch.cuda.empty_cache()
-    return _ended(out, "failed", "error", _oom_message(st.cfg, st.device))
+    cfg, smaller = st.cfg, max(1, st.cfg.batch_size//2)
+    return _ended(out, "failed", "error", f"CUDA out of memory with batch_size={cfg.batch_size} ({cfg.model}, {cfg.precision} precision, "
+                  f"on {st.device}). Try a smaller batch, e.g. --batch-size {smaller} (and --lr {cfg.lr*smaller/cfg.batch_size:g} to keep lr/batch).")
 
+# %% ../nbs/05_train.ipynb #8b509363
 def _stopped_message(st, stop, ckpt_dir):
     return (f"{stop.signame}: stopped in epoch {st.epoch + 1} after step {st.step}; "
             + (f"saved {ckpt_dir/'last.pt'}" if ckpt_dir else "no run_dir, nothing saved"))
 
+# %% ../nbs/05_train.ipynb #503ae538
 def _interrupted_message(ckpt_dir):
     return "interrupted" + (f"; {ckpt_dir/'last.pt'} keeps the last saved state" if ckpt_dir else "")
 
+# %% ../nbs/05_train.ipynb #193c0627
 def _nan_message(st, s, ckpt_dir):
     kept = f"the checkpoints keep epoch {st.epoch}" if st.epoch and ckpt_dir else "no earlier epoch was saved"
     return (f"non-finite loss (NaN or inf) at epoch {st.epoch + 1}, step {s['first_bad_step']} of {st.steps}; stopped "
             f"without saving that epoch ({kept}). Try a lower lr, gradient clipping (grad_clip) or fp32 precision.")
 
-# %% ../nbs/05_train.ipynb #8a8f90e5
+# %% ../nbs/05_train.ipynb #81b45e1c
 @dataclass(repr=False)
 class TrainResult:
     "What a run leaves: the per-epoch history, the final metrics, the evaluated model and the data."
@@ -273,12 +269,12 @@ class TrainResult:
     model: nn.Module  # with the weights the test metrics were computed with
     data: ExpertData  # this expert's data
     run_dir: Path|None = None  # the run folder, when there is one
-
     def __repr__(self):
         m = self.metrics
         return (f"TrainResult({m['status']} ({m['stop_reason']}) after {m['epochs_done']} epochs, "
                 f"best val acc {m['best_val_acc']}, test acc {m['test_acc']})")
 
+# %% ../nbs/05_train.ipynb #52180ad6
 def _metrics(st, outcome, saved, test):
     "The final metrics record, in plain values ready for JSON."
     t = test or {}
@@ -289,6 +285,7 @@ def _metrics(st, outcome, saved, test):
                 restarts=st.restarts, error=outcome.error, stop_signal=outcome.signal, stopped_at=outcome.stopped_at,
                 **st.objective.metrics()), **(outcome.saved or {})}  # after a refused save: what the disk holds, no more
 
+# %% ../nbs/05_train.ipynb #8b6b4696
 def _test_set(st, data, outcome, out):
     "Evaluate the tested weights on the test set, once, if the run ended with weights worth testing; else None."
     if not (outcome.status == "completed" or (outcome.stop_reason == "nan_loss" and st.best_state is not None)): return None
@@ -300,11 +297,21 @@ def _test_set(st, data, outcome, out):
     out.write(f"test accuracy {test['acc']:.4f} (top-5 {test['top5']:.4f}, loss {test['loss']:.4f}) with the {which}")
     return test
 
+# %% ../nbs/05_train.ipynb #e255858e
 def _call(hooks, name, *args):
     for h in hooks:
         if (f := getattr(h, name, None)) is not None: f(*args)
 
-# %% ../nbs/05_train.ipynb #ab16313a
+# %% ../nbs/05_train.ipynb #bb045f09
+def _epoch_end(hooks, rec, st, out)->Outcome|None:
+    "Call the hooks' `on_epoch_end`; the `pruned` outcome if one of them set `st.stop_reason = 'pruned'`, else None."
+    reason = st.stop_reason
+    _call(hooks, "on_epoch_end", rec, st)
+    if st.stop_reason == reason: return None
+    if st.stop_reason != "pruned": raise ValueError(f"a hook set state.stop_reason={st.stop_reason!r}; a hook may only set 'pruned'")
+    return _ended(out, "pruned", "pruned", f"pruned by a hook after epoch {st.epoch}")
+
+# %% ../nbs/05_train.ipynb #295416f7
 def _start_lines(st, data, val):
     cfg = st.cfg
     yield (f"training {cfg.model} on {cfg.dataset}, expert {cfg.expert_id} of {cfg.n_experts} ({cfg.partition}): "
@@ -313,12 +320,14 @@ def _start_lines(st, data, val):
     yield from st.objective.start_lines()
     if val is None: yield "no validation set (val_size=0): early stopping is off; the final weights are evaluated"
 
+# %% ../nbs/05_train.ipynb #38d526d7
 def _checked_data(cfg, data):
     "The expert's data, loaded unless given, with room for at least one batch."
     data = prepare_expert_data(cfg) if data is None else data
     check_batch_fits(cfg, len(data.train_idx))
     return data
 
+# %% ../nbs/05_train.ipynb #adeed59d
 def _restore(st, saved, best, ckpt_dir, out):
     "Continue from checkpoint `saved` (and the best weights `best`); a finished run asked for more epochs goes on."
     st.load_state_dict(saved); st.best_state = best; st.restarts += 1
@@ -333,7 +342,7 @@ def _restore(st, saved, best, ckpt_dir, out):
         out.write(f"warning: {ckpt_dir/'best.pt'} is missing: unless a later epoch validates better, the test set "
                   f"will be evaluated with the final weights, not those of epoch {st.best_epoch}")
 
-# %% ../nbs/05_train.ipynb #4aa0355a
+# %% ../nbs/05_train.ipynb #1c9d6221
 def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
           run_dir:str|Path|None=None, # run folder: checkpoints go to run_dir/checkpoints; None keeps nothing on disk
           hooks:Sequence=(), # objects with optional `on_epoch_end(record, state)` and `on_train_end(result)`
@@ -371,7 +380,7 @@ def train(cfg:TrainConfig, # resolved config (see `resolve_config`)
                     rec = _validate(st, s, val); st.history.append(rec)
                     _save(st, ckpt_dir, best=_select(st, rec))  # best.pt too when this epoch validated best so far
                     out.epoch_done(_summary(rec, st))
-                    _call(hooks, "on_epoch_end", rec, st)
+                    outcome = _epoch_end(hooks, rec, st, out)  # a hook may prune the run
         except KeyboardInterrupt:  # raised, not signalled (e.g. from a hook): a half-done step is never saved
             outcome = _ended(out, "interrupted", "interrupt", _interrupted_message(ckpt_dir), signal=stop.signame)
         except torch.OutOfMemoryError: outcome = _out_of_memory(st, out)

@@ -162,3 +162,95 @@ def test_train_help_explains_every_config_flag():
     # --expert-id has its own help (one id, a list or all); every other key shows its docment
     missing = [k for k in FIELD_TYPES if k != "expert_id" and (f"--{k.replace('_', '-')}" not in text or " ".join(docs[k].split()) not in text)]
     assert r.returncode == 0 and missing == [], missing
+
+
+# the lab book's index and the tuner, wired in by issue 24 (their modules are written beside the command line)
+
+def isolate(monkeypatch, tmp_path):
+    "This process's environment as `clean_env(tmp_path)`: settings, runs and data under `tmp_path`."
+    for k in list(os.environ): monkeypatch.delenv(k) if k in _CONFIG_ENV or k.startswith("EXPERT_LAB_") else None
+    for k, v in clean_env(tmp_path).items(): monkeypatch.setenv(k, v)
+
+
+def completed_run(root:Path)->Path:
+    "A completed run folder under `root`, with every file a run leaves, holding an untrained tiny network (no training)."
+    from expert_lab.checkpoint import save_epoch
+    from expert_lab.config import TrainConfig
+    from expert_lab.experts import prepare_expert_data
+    from expert_lab.files import write_json
+    from expert_lab.models import create_model
+    from expert_lab.runs import finish_record, new_run_dir, start_record
+    cfg = TrainConfig(model="wideresnet10_1", dataset="digits", n_experts=1, device="cpu", epochs=2, runs_dir=str(root))
+    d = new_run_dir(cfg, stamp="done"); start_record(d, cfg, {})
+    data = prepare_expert_data(cfg)
+    write_json(d/"partition.json", dict(train_idx=data.train_idx.tolist(), val_idx=data.val_idx.tolist()))
+    net = create_model(cfg.model, num_classes=data.num_classes)
+    save_epoch(dict(model=net.state_dict(), ema=None, best=dict(epoch=2, val_acc=0.1, weights="raw")), d/"checkpoints", best=True)
+    finish_record(d, dict(status="completed", stop_reason="epochs_done", epochs_done=2, test_acc=0.1, test_top5=0.5))
+    return d
+
+
+@pytest.fixture
+def labbook(monkeypatch):
+    "The real lab book, its `write_index` counting its calls (and still writing)."
+    book = pytest.importorskip("expert_lab.labbook", reason="expert_lab.labbook (the lab book's index) is not written yet")
+    calls, real = [], book.write_index
+    monkeypatch.setattr(book, "write_index", lambda root: calls.append(Path(root)) or real(root))
+    book.calls = calls
+    return book
+
+
+def test_index_writes_the_lab_books_index(tmp_path, monkeypatch, capsys, labbook):
+    from expert_lab.cli import main
+    isolate(monkeypatch, tmp_path)
+    completed_run(tmp_path/"elsewhere")
+    assert main(["index", "--runs-dir", str(tmp_path/"elsewhere")]) == 0
+    assert capsys.readouterr().out == f"{tmp_path/'elsewhere'/'index.html'}\n"
+    assert (tmp_path/"elsewhere"/"index.html").exists() and labbook.calls == [tmp_path/"elsewhere"]
+    assert main(["index"]) == 0 and labbook.calls[-1] == tmp_path/"runs"  # default: the settings' runs folder
+
+
+def test_a_command_that_changes_runs_refreshes_the_index_once(tmp_path, monkeypatch, capsys, labbook):
+    from expert_lab.cli import main
+    isolate(monkeypatch, tmp_path)
+    run = completed_run(tmp_path/"runs")
+    assert main(["resume", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert "nothing to train" in out and err == ""
+    assert labbook.calls == [tmp_path/"runs"] and (tmp_path/"runs"/"index.html").exists()
+    assert main(["runs"]) == 0 and main(["train", "--dataset", "digits", "--dry-run"]) == 0
+    assert len(labbook.calls) == 1, "listing runs or a dry run changes no run: no refresh"
+
+
+def test_a_failing_index_refresh_keeps_the_exit_status(tmp_path, monkeypatch, capsys, labbook):
+    from expert_lab.cli import main
+    isolate(monkeypatch, tmp_path)
+    run = completed_run(tmp_path/"runs")
+    def refused(root): raise PermissionError(f"[Errno 13] Permission denied: '{root}/index.html'")
+    monkeypatch.setattr(labbook, "write_index", refused)
+    assert main(["resume", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert "nothing to train" in out
+    assert err == f"expert-lab: warning: the runs index was not refreshed: [Errno 13] Permission denied: '{tmp_path/'runs'}/index.html'\n"
+    assert main(["resume", str(tmp_path)]) == 2  # bad input stays bad input, with no refresh attempted
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_tune_and_compare_study_reach_the_tuner(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("expert_lab.tune", reason="expert_lab.tune (the tuner) is not written yet")
+    from expert_lab.cli import main
+    isolate(monkeypatch, tmp_path)
+    # everything after `tune` is the tuner's, which says what is wrong and exits with its own status
+    assert main(["tune", "--lr", "0.05:0.2:log", "--dataset", "digits", "--trials", "0"]) == 2
+    assert capsys.readouterr().err == "expert-lab: error: trials: must be >= 1, got 0\n"
+    assert main(["compare", "--study", "nope"]) == 2
+    assert "no study 'nope'" in capsys.readouterr().err
+    assert files_under(tmp_path/"runs") == []  # refused input: not even the index is refreshed
+
+
+@pytest.mark.parametrize("args", [["train", "--learning-rate", "0.1"], ["frobnicate"], ["runs"], ["runs", "--help"]])
+def test_refusals_and_listings_start_without_torch(tmp_path, args):
+    "torch is most of a start-up: a misspelt flag or command, a listing and a help page never load it (see `_heavy`)."
+    code = f"import sys\nfrom expert_lab.cli import main\ntry: main({args!r})\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(tmp_path), timeout=HANG_S)
+    assert r.stdout.splitlines()[-1] == "False", r.stdout + r.stderr

@@ -255,3 +255,15 @@ def test_a_student_trains_through_the_runbook(experts, tmp_path):
     m = json.loads((run/"metrics.json").read_text())
     assert m["status"] == "completed" and m["teachers"] == [str(c) for c in copies], m
     assert load_checkpoint(run/"checkpoints"/"last.pt")["teachers"] == m["teachers"]  # a resume keeps its teachers
+
+
+def test_importing_distill_registers_the_students_objective_and_a_plain_run_never_loads_it():
+    "In a fresh process: the loop and a plain run's objective leave distill unloaded; importing it registers `distillation`."
+    import subprocess, sys
+    code = ("import sys\nfrom expert_lab.config import ConfigError, TrainConfig\nfrom expert_lab.recipe import objective_for\n"
+            "import expert_lab.train\nobjective_for(TrainConfig())\nprint('expert_lab.distill' in sys.modules)\n"
+            "try: objective_for(TrainConfig(distill_from='m/iid-2'))\nexcept ConfigError as e: print(str(e).split(': ', 1)[1])\n"
+            "from expert_lab.distill import distillation\nprint(objective_for(TrainConfig(distill_from='m/iid-2')) is distillation)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.splitlines() == ["False", "'m/iid-2' asks for the objective expert_lab.distill defines: import expert_lab.distill before training",
+                                     "True"], r.stdout + r.stderr

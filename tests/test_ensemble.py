@@ -123,10 +123,29 @@ def test_ensemble_report_shows_the_gate(experts):
     line = next(l for l in text.splitlines() if l.startswith("ensemble of 2 experts: "))
     assert "mean " in line and "routed " in line and ", gate " in line
     assert any(l.split()[:1] == ["gate"] for l in text.splitlines())  # the gate's row in the table of combinations
-    heat = [kinds for src, kinds in cells if "sns.heatmap(" in src]
-    assert heat == [heat[0]] and "image/png" in heat[0]
+    for call in ("plot_gate_weights(", "plot_accuracy_vs_n("):  # drawn by expert_lab.plots, not inline
+        fig = [kinds for src, kinds in cells if call in src]
+        assert fig == [fig[0]] and "image/png" in fig[0], call
+    assert "sns." not in "".join(src for src, _ in cells)
     assert "mean gate weight per expert: expert 0 " in text
+    nb = nbformat.read(dst, as_version=4)
+    wiring = [c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])
+              and "injected-parameters" not in c.metadata.get("tags", [])]
+    assert wiring and all("remove_input" in c.metadata.get("tags", []) for c in wiring)  # the HTML shows their output only
     for d in dirs: assert (d/"checkpoints"/"best.pt").exists()  # the report only read them
+
+
+@pytest.mark.slow
+def test_ensemble_report_without_experts_says_so_once(tmp_path):
+    "No completed expert: the first section says there is nothing to combine; every later one shows nothing and fails nothing."
+    import papermill as pm
+    dst = tmp_path/"report.ipynb"
+    pm.execute_notebook(str(Path(__file__).resolve().parents[1]/"nbs"/"ensemble.ipynb"), str(dst), kernel_name="expert-lab",
+                        parameters=dict(model=MODEL, partition="iid", n_experts=0, runs_dir=str(tmp_path)), progress_bar=False)
+    text, cells = notebook_text(dst)
+    assert text.count("No completed runs") == 1 and "this report has nothing more to show" in text
+    shown = [c.source for c in nbformat.read(dst, as_version=4).cells if c.cell_type == "code" and c.get("outputs")]
+    assert len(shown) == 1 and "No completed runs" in shown[0]  # no other cell has output
 
 
 @pytest.mark.slow

@@ -77,11 +77,35 @@ def test_a_test_model_exists_only_inside_its_with_block():
     assert 'linear_probe' not in list_models() and not model_exists('linear_probe')
 
 
-def test_registering_over_a_name_is_undone_too():
+def test_registering_over_a_name_warns_and_is_undone_too():
     stand_in = ModelCard('resnet18', 'test', lambda num_classes, drop_rate: torch.nn.Identity())
-    with register_model(stand_in):
+    with pytest.warns(UserWarning, match=r"overwriting 'resnet18' \(resnet, built by expert_lab.models.resnet.CifarResNet\) "
+                                         r"with another card \(test, built by (tests\.)?test_models\..*<lambda>\)"):
+        reg = register_model(stand_in)
+    with reg:
         assert isinstance(meta_model('resnet18'), torch.nn.Identity)
     assert count_params(meta_model('resnet18')) == REFERENCE_PARAMS['resnet18']
+
+
+def test_registering_the_same_card_again_is_silent(recwarn):
+    "What nbdev-test of 04a-04d does: the family's own registrations re-run, as new but equal objects."
+    import importlib, warnings
+    from functools import partial
+    from expert_lab.models import resnet
+    from expert_lab.models.registry import model_card
+    card = model_card('resnet50')
+    again = ModelCard('resnet50', 'resnet', partial(resnet.CifarResNet, resnet.Bottleneck, (3, 4, 6, 3)), card.top1, card.source)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # any warning fails the test
+        with register_model(again): assert model_card('resnet50') is again
+        with register_model(card): pass  # the very same card
+    assert model_card('resnet50') is card
+    with pytest.warns(UserWarning, match="overwriting 'resnet50'"):  # one argument differs: another model
+        register_model(ModelCard('resnet50', 'resnet', partial(resnet.CifarResNet, resnet.Bottleneck, [3, 4, 6, 4]),
+                                 card.top1, card.source)).undo()
+    with pytest.warns(UserWarning, match="overwriting 'resnet50'"):  # the same build, another published figure: another card
+        register_model(ModelCard('resnet50', 'resnet', card.build, 70.0, card.source)).undo()
+    assert model_card('resnet50') is card
 
 
 @pytest.mark.parametrize('name', sorted(REFERENCE_PARAMS))

@@ -158,3 +158,12 @@ def test_shipped_settings_show_the_built_in_defaults():
 def test_an_absent_slurm_key_falls_back_to_its_own_default():
     cp = configparser.ConfigParser(); cp.read_string("[slurm]\n# partition = debug\ntime_min = 30\naccount =\n")
     assert slurm_resources(cp) == SlurmResources(time_min=30)
+
+
+def test_records_share_one_time_stamp():
+    "slurm.json and a sweep's record are stamped by one function, in the lower module (sweeps imports slurm)."
+    import datetime as dt
+    from expert_lab import slurm, sweeps
+    assert sweeps.now_iso is slurm.now_iso
+    assert not hasattr(sweeps, "_timestamp") and not hasattr(slurm, "_now")
+    assert dt.datetime.fromisoformat(slurm.now_iso()).microsecond == 0

@@ -262,6 +262,60 @@ def test_keyboard_interrupt_from_a_hook_ends_the_run_as_interrupted(tiny, tmp_pa
     assert load_checkpoint(tmp_path/"checkpoints"/"last.pt")["epoch"] == 2
 
 
+
+def test_signal_guard_catches_real_signals_and_gives_the_handlers_back():
+    "pytest runs on the main thread: real signals reach the guard, which records them and restores what was there."
+    from expert_lab.signals import SignalGuard
+    from expert_lab.train import _StopOnSignal
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    class Named(SignalGuard):
+        def __init__(self): super().__init__(); self.told = []
+        def on_signal(self, name): self.told.append((name, self.requested))
+    with Named() as g:
+        assert (g.requested, g.signame) == (False, None)
+        os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGINT)
+    assert (g.received, g.signame, g.told) == (["SIGTERM", "SIGINT"], "SIGTERM", [("SIGTERM", True), ("SIGINT", True)])
+    assert {s: signal.getsignal(s) for s in before} == before
+    with pytest.raises(KeyboardInterrupt):  # the loop's guard: the first asks for a stop, the second interrupts
+        with _StopOnSignal() as stop:
+            os.kill(os.getpid(), signal.SIGTERM); assert stop.requested and stop.signame == "SIGTERM"
+            os.kill(os.getpid(), signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+class Prune:
+    "A tuner's pruning hook: asks the loop to stop after epoch `at`."
+    def __init__(self, at, reason="pruned"): self.at, self.reason = at, reason
+    def on_epoch_end(self, record, state):
+        if record["epoch"] == self.at: state.stop_reason = self.reason
+
+
+def test_a_hook_prunes_the_run_at_an_epoch_boundary_without_touching_the_test_set(tiny, tmp_path, monkeypatch):
+    import expert_lab.train as engine
+    tested = []
+    monkeypatch.setattr(engine, "eval_loader", partial(_counted_eval_loader, seen=tested))
+    hook = Recorder()
+    r = train(tiny(epochs=4), run_dir=tmp_path, hooks=[Prune(at=2), hook], progress="none")
+    assert (r.metrics["status"], r.metrics["stop_reason"], r.metrics["epochs_done"]) == ("pruned", "pruned", 2)
+    assert (r.metrics["test_acc"], r.metrics["confusion"], len(r.history)) == (None, None, 2)
+    assert "test" not in tested and "val" in tested  # validated every epoch, never tested
+    assert hook.results == [r] and [e for _, e in hook.records] == [1, 2]
+    assert load_checkpoint(tmp_path/"checkpoints"/"last.pt")["epoch"] == 2
+
+
+def _counted_eval_loader(data, split, *a, seen):
+    "The engine's `eval_loader`, noting which split it was asked for."
+    from expert_lab.evaluation import eval_loader
+    seen.append(split)
+    return eval_loader(data, split, *a)
+
+
+def test_a_hook_may_ask_only_for_pruned(tiny, tmp_path):
+    hook = Recorder()
+    with pytest.raises(ValueError, match="stop_reason='early_stop'; a hook may only set 'pruned'"):
+        train(tiny(epochs=3), run_dir=tmp_path, hooks=[Prune(at=1, reason="early_stop"), hook], progress="none")
+    assert hook.results[0].metrics["status"] == "failed"
+
 def test_early_stopping_waits_for_min_epochs_and_patience(tiny):
     # a linear model with a vanishing learning rate never improves on its first validation accuracy
     r = train(tiny(model="_test_linear", lr=1e-12, epochs=20, min_epochs=5, patience=2), progress="none")

@@ -7,8 +7,9 @@ __all__ = ['ClassifierHead', 'init_weights', 'ModelCard', 'UnknownModelError', '
            'list_models', 'model_card', 'model_exists', 'recipe_defaults', 'create_model']
 
 # %% ../../nbs/04_models.ipynb #c5a84aac
-import difflib, fnmatch
+import difflib, fnmatch, warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 from torch import nn
@@ -57,7 +58,27 @@ class UnknownModelError(ValueError):
 _models: dict[str, ModelCard] = {}     # registered names
 _resolvers: dict[str, Callable] = {}   # parametric families: how their names look -> f(name) -> ModelCard|None
 
-# %% ../../nbs/04_models.ipynb #62bc11b6
+# %% ../../nbs/04_models.ipynb #8214bb7f
+@dataclass(frozen=True, eq=False)
+class _Named:
+    "A function or class by where it is defined; `__main__` (a notebook re-running a module's code) matches any module."
+    module: str|None
+    qualname: str
+    def __eq__(self, o):
+        return isinstance(o, _Named) and self.qualname == o.qualname and (self.module == o.module or "__main__" in (self.module, o.module))
+    def __str__(self): return f"{self.module}.{self.qualname}"
+
+# %% ../../nbs/04_models.ipynb #2403c404
+def _origin(o):
+    "What `o` is made of, comparable across re-runs: functions and classes as `_Named`, partials and containers by their parts."
+    if isinstance(o, partial): return ("partial", _origin(o.func), _origin(o.args), _origin(o.keywords))
+    if isinstance(o, (list, tuple)): return tuple(_origin(v) for v in o)
+    if isinstance(o, dict): return tuple(sorted((k, _origin(v)) for k, v in o.items()))
+    if isinstance(o, ModelCard): return (o.name, o.family, _origin(o.build), o.top1, o.source, _origin(o.recipe))
+    if callable(o) and hasattr(o, "__qualname__"): return _Named(getattr(o, "__module__", None), o.__qualname__)
+    return o
+
+# %% ../../nbs/04_models.ipynb #66515afe
 class _Registration:
     "What `register_model` returns; as a context manager it takes its cards out again on exit."
     def __init__(self, cards, replaced): self.cards, self.replaced = cards, replaced
@@ -70,13 +91,21 @@ class _Registration:
             if _models.get(c.name) is c: del _models[c.name]
         _models.update(self.replaced)
 
-def register_model(*cards:ModelCard, # the models to add; a name registered again replaces the old card
+# %% ../../nbs/04_models.ipynb #7016e127
+def _builder(card): return str(_origin(getattr(card.build, "func", card.build)))
+
+def register_model(*cards:ModelCard, # the models to add; a name registered again with another card replaces it, and warns
                   )->_Registration:
     "Add `cards` to the registry; `with register_model(...):` keeps them only for the block (what tests do)."
     replaced = {c.name: _models[c.name] for c in cards if c.name in _models}
+    for c in cards:
+        if c.name in replaced and _origin(c) != _origin(replaced[c.name]):
+            warnings.warn(f"register_model: overwriting '{c.name}' ({replaced[c.name].family}, built by {_builder(replaced[c.name])}) "
+                          f"with another card ({c.family}, built by {_builder(c)})", stacklevel=2)
     for card in cards: _models[card.name] = card
     return _Registration(cards, replaced)
 
+# %% ../../nbs/04_models.ipynb #c231b9ef
 def register_resolver(pattern:str, # how the names look, e.g. 'wideresnet<depth>_<width>'
                      ):
     "Decorator: register `f(name) -> ModelCard|None` for a parametric family (raise `ValueError` for bad parameters)."
@@ -90,6 +119,7 @@ def list_models(filter:str='*') -> list[str]:
     "Registered model names, sorted, optionally narrowed by a shell-style pattern such as 'resnet*'."
     return sorted(fnmatch.filter(_models, filter))
 
+# %% ../../nbs/04_models.ipynb #e6236648
 def model_card(name:str) -> ModelCard:
     "The card for `name`: a registered name, or one a parametric family recognises."
     if name in _models: return _models[name]
@@ -100,12 +130,14 @@ def model_card(name:str) -> ModelCard:
     hint = f" Did you mean '{near[0]}'?" if near else ''
     raise UnknownModelError(f"Unknown model '{name}'.{hint} Choices: {', '.join(choices)}.")
 
+# %% ../../nbs/04_models.ipynb #25ded8c1
 def model_exists(name:str) -> bool:
     "Can `create_model(name)` build it?"
     try: model_card(name)
     except ValueError: return False
     return True
 
+# %% ../../nbs/04_models.ipynb #89f969ec
 def recipe_defaults(name:str # a registered or parametric model name
                    ) -> dict:
     "The config defaults `name` trains with (its card's `recipe`, a copy); raises `UnknownModelError` for unknown names."
