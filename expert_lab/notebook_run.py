@@ -180,7 +180,7 @@ def run_hooks(cfg, # the run's resolved config
     from expert_lab.tracking import tracking_hooks
     hooks = [HoldFolder(lock), HistoryCSV(Path(run_dir)/"history.csv"), *tracking_hooks(cfg, Path(run_dir))]
     if cfg.study:
-        from expert_lab.tune import trial_hook  # brings optuna (measured 0.6 s): only a trial pays for it
+        from expert_lab.studies import trial_hook  # brings optuna (measured 0.6 s): only a trial pays for it
         hooks.append(trial_hook(cfg, run_dir))
     return hooks
 
