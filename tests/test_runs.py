@@ -114,6 +114,10 @@ def test_train_two_experts_writes_every_file(lab):
             ck = load_checkpoint(d/"checkpoints"/name)
             assert ck["epoch"] == 1 and ck["config"]["expert_id"] == k and "model" in ck
 
+    # the command ended by refreshing the lab book: both runs are rows of runs/index.html, linked to their reports
+    page = (tmp/"runs"/"index.html").read_text()
+    for d in runs: assert f'{d.relative_to(tmp/"runs").as_posix()}/report.html' in page
+
     parts = [json.loads((d/"partition.json").read_text()) for d in runs]
     assert parts[0]["val_idx"] == parts[1]["val_idx"], "every expert validates on the same images"
     for p in parts: assert not set(p["train_idx"]) & set(p["val_idx"])
@@ -185,6 +189,8 @@ def test_ensemble_report(lab):
     check_report_html(html)
     text = notebook_text(nb)
     assert "2 of 2 experts have a completed run" in text
+    # ... and `ensemble` refreshed the lab book: its report is listed there, by its path under runs/
+    assert html.relative_to(tmp/"runs").as_posix() in (tmp/"runs"/"index.html").read_text()
     m = re.search(r"ensemble of 2 experts: best single expert ([\d.]+), mean ([\d.]+), routed ([\d.]+)", text)
     assert m, text[-2000:]
     assert all(0 <= float(v) <= 1 for v in m.groups())
