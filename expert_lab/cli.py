@@ -12,12 +12,12 @@ from types import SimpleNamespace
 
 from .catalog import (ROW_STATUSES, damaged_note, format_runs, group_size, latest_completed, list_runs, read_run,
                                 runs_folder, runs_frame)
-from .config import (FIELD_TYPES, ConfigError, TrainConfig, check_key, config_table, did_you_mean, field_docs,
-                               schedule_warning)
+from .config import TRIAL_KEYS, ConfigError, TrainConfig, config_table, schedule_warning
 from .execute import forward_signals, report_notebook, run_expert
 from .files import read_json
+from .flags import (Parser, UsageError, add_config_flags, add_slurm_flags, bad_input_errors, check_unknown, config_args,
+                              slurm_overrides)
 from .lab import LabError, start_lab
-from .lock import RunBusy
 from .preflight import check_run_dir, ensure_data, nothing_to_train, preflight, resolve_experts, resolve_run
 from .runs import RunFailed, load_run_config, new_run_dir, write_group_summary
 from .slurm import slurm_states, submit_experts
@@ -25,9 +25,8 @@ from .sweep_stats import sweep_report
 from .sweeps import run_sweep, sweep_values
 
 # %% auto #0
-__all__ = ['UsageError', 'add_config_flags', 'config_args', 'cmd_config', 'cmd_models', 'check_train', 'train_one', 'train_local',
-           'cmd_train', 'cmd_runs', 'cmd_resume', 'cmd_compare', 'cmd_ensemble', 'cmd_distill', 'cmd_lab', 'cmd_index',
-           'cmd_tune', 'build_parser', 'main']
+__all__ = ['cmd_config', 'cmd_models', 'check_train', 'train_one', 'train_local', 'cmd_train', 'cmd_runs', 'cmd_resume',
+           'cmd_compare', 'cmd_ensemble', 'cmd_distill', 'cmd_lab', 'cmd_index', 'cmd_tune', 'build_parser', 'main']
 
 # %% ../nbs/08_cli.ipynb #6dace284
 def _heavy()->SimpleNamespace:
@@ -44,35 +43,7 @@ def _tune():
     from expert_lab.tune import compare_study, main
     return SimpleNamespace(main=main, compare_study=compare_study)
 
-# %% ../nbs/08_cli.ipynb #aadf6645
-class UsageError(Exception):
-    "Bad command-line input: one line for the user, exit status 2."
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message): raise UsageError(message)
-
-# %% ../nbs/08_cli.ipynb #c8c3cda9
-def add_config_flags(p:argparse.ArgumentParser, # the (sub)command's parser
-                     skip:tuple=(), # keys that the command spells differently
-                    ):
-    "Add one flag per config key, with its meaning and default as help."
-    g, docs, defaults = p.add_argument_group("config keys (see `expert-lab config`)"), field_docs(), TrainConfig()
-    for k, typ in FIELD_TYPES.items():
-        if k in skip: continue
-        names, hlp = dict.fromkeys([f"--{k.replace('_', '-')}", f"--{k}"]), f"{docs[k]} (default {getattr(defaults, k)!r})"
-        if typ is bool:
-            g.add_argument(*names, dest=k, nargs="?", const="true", default=None, metavar="BOOL", help=hlp)
-            g.add_argument(*dict.fromkeys([f"--no-{k.replace('_', '-')}", f"--no_{k}"]), dest=k, action="store_const",
-                           const="false", help=argparse.SUPPRESS)
-        else: g.add_argument(*names, dest=k, default=None, metavar=typ.__name__.upper(), help=hlp.replace("%", "%%"))
-
-def config_args(ns:argparse.Namespace, # parsed arguments
-                skip:tuple=(), # keys not to take
-               )->dict:
-    "The config keys given on the command line, as text."
-    return {k: getattr(ns, k) for k in FIELD_TYPES if k not in skip and getattr(ns, k, None) is not None}
-
-# %% ../nbs/08_cli.ipynb #9fed7499
+# %% ../nbs/08_cli.ipynb #2e7a89e9
 def cmd_config(ns):
     "Print the resolved config and where each value came from."
     cfg, sources = resolve_run(config_args(ns))
@@ -80,7 +51,7 @@ def cmd_config(ns):
 
 def _config_parser(sub):
     s = sub.add_parser("config", help="print the resolved config and each value's source")
-    add_config_flags(s); s.set_defaults(fn=cmd_config)
+    add_config_flags(s, skip=TRIAL_KEYS); s.set_defaults(fn=cmd_config)
 
 def cmd_models(ns):
     "Print the model table."
@@ -158,13 +129,6 @@ def train_local(jobs:list, # (config, sources) per expert, checked
     return 1 if any(r.get("status") != "completed" for r in recs) else 0
 
 # %% ../nbs/08_cli.ipynb #31bb6f13
-def _slurm_overrides(ns):
-    "The Slurm flags given, under `submit_experts`'s names."
-    # --slurm-partition is the Slurm queue; --partition is the expert partition (iid, classes, ...)
-    keys = dict(partition_slurm="partition", account="account", time_min="time_min", gpus_per_task="gpus_per_task",
-                cpus_per_task="cpus_per_task", mem_gb="mem_gb", constraint="constraint", array_parallelism="array_parallelism")
-    return {v: getattr(ns, k) for k, v in keys.items() if getattr(ns, k, None) is not None}
-
 def _check_train_options(ns, jobs):
     "Refuse `--parallel` below 1, and `--run-dir` unless one expert trains here."
     if ns.parallel < 1: raise ConfigError(f"parallel: must be >= 1, got {ns.parallel}")
@@ -172,16 +136,16 @@ def _check_train_options(ns, jobs):
         raise ConfigError(f"run_dir: --run-dir names one local run folder: it needs exactly one --expert-id "
                           f"(got {len(jobs)}) and the local executor (Slurm tasks get their folders at submission)")
 
-# %% ../nbs/08_cli.ipynb #1be96f80
+# %% ../nbs/08_cli.ipynb #b03928f6
 def _train_sweep(ns, args:dict)->int:
     "Train (or continue) the sweep that `args` (some values lists) and `--sweep` name; its exit status."
     if ns.run_dir: raise ConfigError("run_dir: --run-dir names one run folder; a sweep makes its own")
     return run_sweep(args, ns.expert_id, sweep_id=ns.sweep, parallel=ns.parallel, executor=ns.executor, dry_run=ns.dry_run,
-                     yes=ns.yes, retry_failed=ns.retry_failed, slurm_opts=_slurm_overrides(ns), command=shlex.join(["expert-lab", *sys.argv[1:]]))
+                     yes=ns.yes, retry_failed=ns.retry_failed, slurm_opts=slurm_overrides(ns), command=shlex.join(["expert-lab", *sys.argv[1:]]))
 
 def _submit(ns, jobs:list)->int:
     "Submit `jobs` to Slurm as one array and print each task's job id and run folder (a dry run prints its plan)."
-    submitted = submit_experts(jobs, dry_run=ns.dry_run, **_slurm_overrides(ns))
+    submitted = submit_experts(jobs, dry_run=ns.dry_run, **slurm_overrides(ns))
     for job_id, run_dir in [] if ns.dry_run else submitted: print(f"{job_id}\t{run_dir}")
     return 0
 
@@ -206,17 +170,7 @@ def cmd_train(ns):
     if ns.dry_run: return _plan(jobs)
     return train_local(jobs, ns.parallel, run_dir)
 
-# %% ../nbs/08_cli.ipynb #1af0a01d
-def _slurm_flags(s):
-    g = s.add_argument_group("slurm (defaults from settings.ini [slurm])")
-    g.add_argument("--slurm-partition", dest="partition_slurm", help="Slurm queue")
-    g.add_argument("--account", help="account to charge"); g.add_argument("--time-min", type=int, help="minutes per task")
-    g.add_argument("--gpus-per-task", type=int, help="GPUs per expert task")
-    g.add_argument("--cpus-per-task", type=int, help="CPU cores per expert task")
-    g.add_argument("--mem-gb", type=int, help="memory per expert task in GB")
-    g.add_argument("--constraint", help="node feature constraint")
-    g.add_argument("--array-parallelism", type=int, help="at most this many array tasks at once")
-
+# %% ../nbs/08_cli.ipynb #30187bd4
 def _train_parser(sub):
     s = sub.add_parser("train", help="train experts through the papermill notebook",
                        description="Train experts. A value given as a comma-separated list (--lr 0.05,0.1 --seed 0,1,2) "
@@ -231,7 +185,7 @@ def _train_parser(sub):
     s.add_argument("--sweep", metavar="ID", help="continue the sweep with this id (see runs/sweeps/)")
     s.add_argument("--yes", action="store_true", help="allow a sweep of more than 500 runs")
     s.add_argument("--retry-failed", action="store_true", help="a sweep also retrains its failed runs")
-    _slurm_flags(s); add_config_flags(s, skip=("expert_id",)); s.set_defaults(fn=cmd_train, changes_runs=True)
+    add_slurm_flags(s); add_config_flags(s, skip=("expert_id", *TRIAL_KEYS)); s.set_defaults(fn=cmd_train, changes_runs=True)
 
 # %% ../nbs/08_cli.ipynb #21f1458c
 def _with_slurm_states(rows:list)->list:
@@ -323,8 +277,8 @@ def _ensemble_parser(sub):
     s.add_argument("--n-experts", type=int, help="which group, when several sizes of the partition exist")
     s.set_defaults(fn=cmd_ensemble, changes_runs=True)
 
-# %% ../nbs/08_cli.ipynb #1f4b572d
-_NOT_FLAGS = ("model", "partition", "expert_id", "n_experts", "distill_from")  # `distill` spells these its own way
+# %% ../nbs/08_cli.ipynb #3edc0419
+_NOT_FLAGS = ("model", "partition", "expert_id", "n_experts", "distill_from", *TRIAL_KEYS)  # `distill` spells these its own way; the tuner sets its own
 
 def cmd_distill(ns):
     "Train one student network on the newest completed experts of one model and partition."
@@ -351,7 +305,7 @@ def _lab_parser(sub):
     s.add_argument("--port", type=int, default=8888, help="port to try first (the next free one is used when taken)")
     s.add_argument("--no-browser", action="store_true", help="do not open a browser"); s.set_defaults(fn=cmd_lab)
 
-# %% ../nbs/08_cli.ipynb #bc193cac
+# %% ../nbs/08_cli.ipynb #3d94fdc7
 def _refresh_index(root:str|Path|None):
     "Rewrite the index of runs folder `root` (None: the settings'); a failure is one warning line, never an exit status."
     try: _write_index()(runs_folder(root))
@@ -362,7 +316,7 @@ def _refresh_index(root:str|Path|None):
 def _runs_dir_given(ns)->str|None:
     "The runs folder the command was pointed at, as given; None for the settings'."
     if getattr(ns, "runs_dir", None) or not getattr(ns, "argv", None): return getattr(ns, "runs_dir", None)
-    p = _Parser(add_help=False, allow_abbrev=False); p.add_argument("--runs-dir", "--runs_dir", dest="runs_dir")
+    p = Parser(add_help=False, allow_abbrev=False); p.add_argument("--runs-dir", "--runs_dir", dest="runs_dir")
     try: return p.parse_known_args(ns.argv)[0].runs_dir
     except UsageError: return None  # the tuner has said what is wrong with its arguments
 
@@ -385,47 +339,28 @@ def _tune_parser(sub):
                        prefix_chars="\0", add_help=False)  # every argument, dashes and all, is the tuner's
     s.add_argument("argv", nargs="*"); s.set_defaults(fn=cmd_tune, changes_runs=True)
 
-# %% ../nbs/08_cli.ipynb #de2202cc
+# %% ../nbs/08_cli.ipynb #0b1ff5d6
 _PIECES = (_config_parser, _models_parser, _train_parser, _runs_parser, _compare_parser, _ensemble_parser, _distill_parser,
            _resume_parser, _lab_parser, _index_parser, _tune_parser)  # `--help` lists the commands in this order
 
 def build_parser()->argparse.ArgumentParser:
     "The `expert-lab` argument parser: every command's parser piece."
-    p = _Parser(prog="expert-lab", description="Train, compare and combine expert classifiers on CIFAR-100.")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    p = Parser(prog="expert-lab", description="Train, compare and combine expert classifiers on CIFAR-100.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     for piece in _PIECES: piece(sub)
     return p
 
-# %% ../nbs/08_cli.ipynb #45498ee8
-def _check_unknown(extra:list):
-    "Raise `UsageError` for the first argument no parser took, suggesting the nearest config key."
-    for a in extra:
-        if a.startswith("--"):
-            key = a[2:].split("=")[0]
-            try: check_key(key)
-            except ConfigError: raise UsageError(f"unknown option {a.split('=')[0]}{did_you_mean(key.replace('-', '_'), FIELD_TYPES)}") from None
-            raise UsageError(f"option {a.split('=')[0]} does not apply to this command")
-        raise UsageError(f"unexpected argument {a!r}")
-
+# %% ../nbs/08_cli.ipynb #12d2ac6e
 def _parse(argv:list[str]|None)->argparse.Namespace:
     "The parsed command line; `UsageError` for anything it does not know."
     ns, extra = build_parser().parse_known_args(argv)
-    _check_unknown(extra)
+    check_unknown(extra)
     return ns
 
-# %% ../nbs/08_cli.ipynb #ecbacbf3
-def _if_loaded(module:str, name:str)->tuple:
-    "`(module.name,)` when `module` is imported, else `()`: an exception of a module never imported was never raised."
-    return (getattr(sys.modules[module], name),) if module in sys.modules else ()
-
-def _bad_input()->tuple:
-    "What a user typed or pointed at: exit status 2."
-    return (UsageError, ConfigError, RunBusy, *_if_loaded("expert_lab.data", "DatasetError"),
-            *_if_loaded("expert_lab.checkpoint", "CheckpointError"))
-
+# %% ../nbs/08_cli.ipynb #de2202cc
 _FAILED = (LabError, RunFailed, ModuleNotFoundError, OSError)  # a correct request that met a missing tool or module, a disk error
 
-# %% ../nbs/08_cli.ipynb #c8729860
+# %% ../nbs/08_cli.ipynb #bd6279df
 def _fail(line:str, status:int)->int:
     "Say `line` on stderr; return `status`."
     print(f"expert-lab: {line}", file=sys.stderr); return status
@@ -448,6 +383,6 @@ def main(argv:list[str]|None=None # arguments; default sys.argv[1:]
     "Entry point of the `expert-lab` command."
     try: return _run(_parse(argv))
     except KeyboardInterrupt: return _fail("interrupted", 130)
-    except _bad_input() as e: return _fail(f"error: {e}", 2)
+    except bad_input_errors() as e: return _fail(f"error: {e}", 2)
     except _FAILED as e: return _fail(f"error: {e}", 1)
     except Exception: return _bug()

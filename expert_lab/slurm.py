@@ -21,7 +21,7 @@ from .runs import expert_dir, new_run_dir
 # %% auto #0
 __all__ = ['SlurmError', 'SlurmUnavailable', 'SlurmResources', 'slurm_resources', 'cluster_partitions', 'check_slurm_resources',
            'sbatch_options', 'array_spec', 'sbatch_script', 'now_iso', 'record_submission', 'record_start',
-           'ExpertTask', 'submit_experts', 'slurm_states', 'slurm_state']
+           'ExpertTask', 'job_setup_lines', 'submit_experts', 'slurm_states', 'slurm_state']
 
 # %% ../nbs/07_slurm.ipynb #77b980de
 class SlurmError(ConfigError):
@@ -225,11 +225,13 @@ class ExpertTask(submitit.helpers.Checkpointable):
         return self.train(TrainConfig(**cfg), sources, run_dir, resume=True, **({"extra": extra} if extra else {}))
 
 # %% ../nbs/07_slurm.ipynb #b452672b
-def _job_setup()->list[str]:
+def job_setup_lines()->list[str]:
+    "The shell lines a Slurm task runs first: this project's root, and this checkout's `expert_lab` first on its path."
     pkg_parent = Path(expert_lab.__file__).resolve().parent.parent
     return [f"export EXPERT_LAB_ROOT={shlex.quote(str(project_root()))}",
             f"export PYTHONPATH={shlex.quote(str(pkg_parent))}${{PYTHONPATH:+:$PYTHONPATH}}"]
 
+# %% ../nbs/07_slurm.ipynb #7b9f28bf
 def _plan(cfgs:list, opts:dict, array:str|None, note:str)->str:
     rows = [f"  task {i}: {c.model} {c.partition}-{c.n_experts} expert {c.expert_id} -> {expert_dir(c)}/<timestamp>"
             for i, c in enumerate(cfgs)]
@@ -243,7 +245,7 @@ def _release(jobs:list):
         subprocess.run(["scancel", array_id], capture_output=True, timeout=60)
         raise SlurmError(f"could not release held array {array_id} (cancelled it): {r.stderr.strip()}")
 
-# %% ../nbs/07_slurm.ipynb #060ecf0d
+# %% ../nbs/07_slurm.ipynb #11b78f72
 def submit_experts(cfgs_and_sources:list, # [(TrainConfig, sources), ...], one per expert
                    settings:configparser.ConfigParser|None=None, # site settings; default `read_settings()`
                    dry_run:bool=False, # print what would be submitted; create and submit nothing
@@ -266,7 +268,7 @@ def submit_experts(cfgs_and_sources:list, # [(TrainConfig, sources), ...], one p
         return [(None, expert_dir(c)) for c in cfgs]
     log_dir = runs_folder(cfgs[0])/"slurm-logs"/f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     ex = submitit.SlurmExecutor(folder=log_dir/"%j")
-    ex.update_parameters(**{k.replace("-", "_"): v for k, v in opts.items()}, job_name="expert-lab", setup=_job_setup(),
+    ex.update_parameters(**{k.replace("-", "_"): v for k, v in opts.items()}, job_name="expert-lab", setup=job_setup_lines(),
                          array_parallelism=res.array_parallelism or len(cfgs), additional_parameters={"hold": True})
     given = run_dirs or [None]*len(cfgs)
     run_dirs = [Path(d) if d else new_run_dir(c) for d, c in zip(given, cfgs)]

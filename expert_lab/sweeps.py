@@ -9,7 +9,7 @@ from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, check_key, coerce, resolve_config
+from .config import TRIAL_KEYS, ConfigError, TrainConfig, check_key, coerce, resolve_config
 from .files import format_table, read_json, write_csv, write_json
 from .execute import run_expert
 from .catalog import runs_folder
@@ -24,7 +24,7 @@ __all__ = ['NO_SWEEP', 'MAX_RUNS', 'sweep_values', 'grid_points', 'point_label',
            'describe_sweep', 'run_sweep']
 
 # %% ../nbs/07a_sweeps.ipynb #489e1166
-NO_SWEEP = ("data_root", "runs_dir", "device", "wandb_project", "wandb_mode")
+NO_SWEEP = ("data_root", "runs_dir", "device", "wandb_project", "wandb_mode", *TRIAL_KEYS)  # a trial's keys: the tuner's
 
 def _items(value):
     "The items of a list, or of a comma-separated text; None for one value."

@@ -4,15 +4,23 @@
 
 # %% ../nbs/07c_tune.ipynb #b1f87e30
 from __future__ import annotations
-import argparse, fcntl, shlex, sys, threading, time
+import argparse, fcntl, os, shlex, socket, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import FIELD_TYPES, TRIAL_KEYS, ConfigError, TrainConfig, check_key, field_docs
+import optuna, submitit
+from .catalog import runs_folder
+from .config import TRIAL_KEYS, ConfigError, TrainConfig
+from .execute import error_line, execute_notebook, forward_signals, run_expert, runbook, write_html
 from .files import read_json, write_json
-from .slurm import now_iso
+from .flags import (Parser, add_config_flags, add_slurm_flags, bad_input_errors, check_unknown, config_args,
+                              slurm_overrides)
+from .lock import STALE_S, Holder, RunBusy, run_state
+from .preflight import ensure_data, preflight, resolve_run
+from .runs import RunFailed, load_run_config, new_run_dir
+from .slurm import check_slurm_resources, job_setup_lines, now_iso, sbatch_options, slurm_resources
 from .studies import (FINAL, PRUNERS, SAMPLERS, describe_study, distributions, parse_space, journal, list_studies, load_study,
                                 make_sampler, outcome, params_label, quiet_optuna, study_difference, study_dir, study_name,
                                 study_summary, trial_hook)  # trial_hook: the runbook's door, `expert_lab.tune.trial_hook` too
@@ -33,7 +41,6 @@ def trial_config(fixed:dict, # fixed keys as typed (text)
                  trial:int=-1, # the trial's number
                 )->tuple[TrainConfig, dict]:
     "The checked config of one trial, resolved through every layer as for `train`, and where each value came from."
-    from expert_lab.preflight import resolve_run
     return resolve_run({**fixed, **params, "expert_id": expert_id, "study": study, "trial": trial})
 
 def check_space(space:dict, # from `parse_space`
@@ -64,7 +71,6 @@ def tell(study, # the Optuna study
          rec:dict, # its final metrics.json record
         )->str:
     "Tell the study how trial `number` ended; return the state told."
-    import optuna
     state, value = outcome(rec)
     tid = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
     if (now := study._storage.get_trial(tid).state).is_finished(): return now.name  # another worker told it first
@@ -75,21 +81,18 @@ def tell(study, # the Optuna study
 # %% ../nbs/07c_tune.ipynb #90b2240f
 def _worker()->dict:
     "Who takes a trial: this process, on this host, now (kept in the trial's user attributes)."
-    import os, socket
     return dict(host=socket.gethostname(), pid=os.getpid(), at=time.time())
 
 def worker_alive(w:dict|None, # a trial's `worker` attribute
                  stale_s:float|None=None, # on another host: how long a worker counts as alive after it took the trial
                 )->bool:
     "Whether the worker that took a trial may still be about to run it (its run folder's lock says the rest)."
-    from expert_lab.lock import STALE_S, Holder
     if not w: return False
     return Holder(w["host"], int(w["pid"]), "", float(w["at"]), "", "").alive(stale_s or STALE_S)
 
 # %% ../nbs/07c_tune.ipynb #5c356092
 def _job(study, t, params, rec, d, resumed):
     "Take trial `t` for this worker: its config (the folder's own when it has one) and folder."
-    from expert_lab.runs import load_run_config, new_run_dir
     if d is not None and (Path(d)/"config.json").exists(): cfg, sources = load_run_config(Path(d), training=True)  # resumes only with its own config
     else: cfg, sources = trial_config(rec["fixed"], params, rec["expert_id"], rec["name"], t)
     d = Path(d) if d is not None else new_run_dir(cfg)
@@ -99,7 +102,6 @@ def _job(study, t, params, rec, d, resumed):
 
 def _adopt(study, t, rec):
     "A running trial whose worker died: its job (resume it); None when it is live, or when its outcome was only told now."
-    from expert_lab.lock import run_state
     d = t.user_attrs.get("run_dir")
     m = (read_json(Path(d)/"metrics.json", {}) or {}) if d else {}
     if d and run_state(d, m.get("status")) == "running": return None  # a live process trains in its folder
@@ -113,7 +115,6 @@ def next_trial(study, # the Optuna study
                total:int, # the study's number of trials
               )->dict|None:
     "Under the turn lock: the trial this worker runs next (a dead worker's, else a new one), or None when the study is full."
-    import optuna
     with study_lock(path):
         trials = study.get_trials(deepcopy=False)
         for t in trials:
@@ -141,9 +142,6 @@ def run_trial(study, # the Optuna study
               console=None, # called with each of the training's lines; None shows nothing
              )->str:
     "Train (or resume) one trial in its folder and tell the study: the state told, BUSY (another worker has it) or INTERRUPTED."
-    from expert_lab.execute import run_expert
-    from expert_lab.lock import RunBusy
-    from expert_lab.runs import RunFailed
     n = job["number"]
     _say(f"trial {n}: {params_label(job['params'])}: {'resuming' if job['resumed'] else 'training'} in {job['run_dir']}")
     try: rec = run_expert(job["cfg"], job["sources"], job["run_dir"], resume=True, console=console,
@@ -176,25 +174,11 @@ def work(path:Path, # the study's folder
     return done
 
 # %% ../nbs/07c_tune.ipynb #43fc0ff5
-class _Args(argparse.ArgumentParser):
-    def error(self, message): raise ConfigError(message)  # one line, exit 2, as every command's bad input
-
-def _config_flags(p):
-    "One flag per training key, spelled as `train` spells it; each takes one value, a range or a choice (as text)."
-    g, docs = p.add_argument_group("training keys: one value, a range low:high[:log][:int], or a choice a,b,c"), field_docs()
-    for k, typ in FIELD_TYPES.items():
-        if k in ("expert_id", *TRIAL_KEYS): continue
-        names = dict.fromkeys([f"--{k.replace('_', '-')}", f"--{k}"])
-        if typ is bool:
-            g.add_argument(*names, dest=k, nargs="?", const="true", metavar="BOOL", help=docs[k].replace("%", "%%"))
-            g.add_argument(f"--no-{k.replace('_', '-')}", dest=k, action="store_const", const="false", help=argparse.SUPPRESS)
-        else: g.add_argument(*names, dest=k, metavar=typ.__name__.upper(), help=docs[k].replace("%", "%%"))
-
-# %% ../nbs/07c_tune.ipynb #feb1d1df
-def build_parser():
-    "The `expert-lab tune` argument parser."
-    p = _Args(prog="expert-lab tune", description="Search training keys with Optuna: a range low:high[:log][:int] "
-                "or a choice a,b,c per searched key; weak trials are stopped early; every trial is a run folder.")
+def build_parser()->Parser:
+    "The `expert-lab tune` argument parser: its own options, then the Slurm flags and the training keys of `expert_lab.flags`."
+    p = Parser(prog="expert-lab tune", allow_abbrev=False,  # `--trial 3` is a trial's key, refused, not `--trials 3`
+               description="Search training keys with Optuna: a range low:high[:log][:int] "
+                           "or a choice a,b,c per searched key; weak trials are stopped early; every trial is a run folder.")
     p.add_argument("--trials", type=int, default=20, help="the study's total number of trials (default 20)")
     p.add_argument("--study", metavar="NAME", help="the study's name (runs/studies/NAME); default from the space")
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="how recipes are chosen (default tpe; seeded by --seed)")
@@ -205,25 +189,15 @@ def build_parser():
     p.add_argument("--executor", choices=("local", "slurm"), default="local", help="where the trials run (default local)")
     p.add_argument("--workers", type=int, default=2, help="slurm executor: array tasks, each pulling trials until the study is full")
     p.add_argument("--dry-run", "--dry_run", action="store_true", help="print the space, the study and where it lives; create nothing")
-    sl = p.add_argument_group("slurm (defaults from settings.ini [slurm])")
-    for flag, typ in (("--slurm-partition", str), ("--account", str), ("--time-min", int), ("--gpus-per-task", int),
-                      ("--cpus-per-task", int), ("--mem-gb", float), ("--constraint", str)):
-        sl.add_argument(flag, type=typ, default=None)
-    _config_flags(p)
+    add_slurm_flags(p, skip=("array_parallelism",))  # --workers is the array's size
+    add_config_flags(p, skip=("expert_id", *TRIAL_KEYS), title="training keys: one value, a range low:high[:log][:int], or a choice a,b,c")
     return p
 
-# %% ../nbs/07c_tune.ipynb #cd9f7e3b
-def _unknown(extra):
-    "A one-line `ConfigError` for the first argument the parser did not take."
-    a = extra[0]
-    if not a.startswith("--"): raise ConfigError(f"unexpected argument {a!r}")
-    k = check_key(a[2:].split("=")[0])  # an unknown key: names the nearest
-    raise ConfigError(f"option {a.split('=')[0]} does not apply to tune" + (" (tune sets it for each trial)" if k in TRIAL_KEYS else ""))
-
+# %% ../nbs/07c_tune.ipynb #feb1d1df
 def config_flags(ns:argparse.Namespace # from `build_parser`
                 )->dict:
-    "The training keys given on the command line, as text."
-    return {k: getattr(ns, k) for k in FIELD_TYPES if k not in ("expert_id", *TRIAL_KEYS) and getattr(ns, k, None) is not None}
+    "The training keys given on the command line, as text (`--expert-id` is the tuner's own option)."
+    return config_args(ns, skip=("expert_id",))
 
 def _check_options(ns):
     if ns.trials < 1: raise ConfigError(f"trials: must be >= 1, got {ns.trials}")
@@ -231,12 +205,11 @@ def _check_options(ns):
     if ns.workers < 1: raise ConfigError(f"workers: must be >= 1, got {ns.workers}")
     if ns.parallel > 1 and ns.executor == "slurm": raise ConfigError("parallel: applies to the local executor; on Slurm use --workers")
 
-# %% ../nbs/07c_tune.ipynb #fdef52ab
+# %% ../nbs/07c_tune.ipynb #adce8d40
 def open_study(ns, # parsed arguments
                args:dict, # the config flags given, as text
               )->tuple[dict, Path]:
     "The study record this command means (recorded, or new and not yet written) and its folder; refuses a changed study."
-    from expert_lab.catalog import runs_folder
     space, fixed = parse_space(args)
     if not space: raise ConfigError("tune: nothing to search; give at least one key a range (--lr 0.02:0.5:log) or a choice (--model a,b)")
     base = check_space(space, fixed, ns.expert_id)
@@ -250,13 +223,12 @@ def open_study(ns, # parsed arguments
                           f"run the recorded command ({path/'study.json'}) or choose another --study")
     return {**(old or rec), "trials": ns.trials}, path
 
-# %% ../nbs/07c_tune.ipynb #9c74808d
+# %% ../nbs/07c_tune.ipynb #fdef52ab
 def create_study(rec:dict, # the study record
                  path:Path, # its folder
                  command:str, # the command line, for the record
                 )->None:
     "Write study.json (with this invocation) and create the journal's study if it is new."
-    import optuna
     path.mkdir(parents=True, exist_ok=True)
     rec.setdefault("created", now_iso())
     rec["invocations"] = [*rec.get("invocations", []), dict(at=now_iso(), command=command)]
@@ -265,13 +237,12 @@ def create_study(rec:dict, # the study record
     with study_lock(path):
         optuna.create_study(study_name=rec["name"], storage=journal(path), direction="maximize", load_if_exists=True)
 
-# %% ../nbs/07c_tune.ipynb #68b73043
+# %% ../nbs/07c_tune.ipynb #7e0ba118
 def run_local(path:Path, # the study's folder
               rec:dict, # its record
               parallel:int=1, # workers (threads) here
              )->int:
     "Run `parallel` workers here until the study is full; return the exit status (130/143 after a signal)."
-    from expert_lab.execute import forward_signals
     stop = threading.Event()
     console = (lambda line: _say(line)) if parallel == 1 else None
     with forward_signals() as fw, ThreadPoolExecutor(parallel) as pool:
@@ -283,63 +254,47 @@ def run_local(path:Path, # the study's folder
     print(study_summary(path, rec))
     return fw.exit_status or 0
 
-# %% ../nbs/07c_tune.ipynb #d1ebe5ec
-def _slurm_opts(ns):
-    keys = dict(slurm_partition="partition", account="account", time_min="time_min", gpus_per_task="gpus_per_task",
-                cpus_per_task="cpus_per_task", mem_gb="mem_gb", constraint="constraint")
-    return {v: getattr(ns, k) for k, v in keys.items() if getattr(ns, k, None) is not None}
-
+# %% ../nbs/07c_tune.ipynb #68b73043
 def submit_workers(path:Path, # the study's folder
                    rec:dict, # its record
                    workers:int, # array tasks
                    slurm_opts:dict|None=None, # `SlurmResources` overrides
                   )->list[str]:
     "Submit `workers` tune workers as one Slurm array sharing the study's journal; return their job ids."
-    import submitit, expert_lab
-    from expert_lab.config import project_root
-    from expert_lab.slurm import check_slurm_resources, sbatch_options, slurm_resources
     opts = sbatch_options(check_slurm_resources(slurm_resources(**(slurm_opts or {}))))
-    pkg = Path(expert_lab.__file__).resolve().parent.parent  # the task imports this checkout, as the training arrays do
-    setup = [f"export EXPERT_LAB_ROOT={shlex.quote(str(project_root()))}", f"export PYTHONPATH={shlex.quote(str(pkg))}${{PYTHONPATH:+:$PYTHONPATH}}"]
     ex = submitit.SlurmExecutor(folder=path/"slurm-logs"/"%j")
     ex.update_parameters(**{k.replace("-", "_"): v for k, v in opts.items()}, job_name=f"tune-{rec['name']}"[:60],
-                         setup=setup, array_parallelism=workers)
+                         setup=job_setup_lines(), array_parallelism=workers)  # this checkout, as the training arrays
     jobs = ex.map_array(work, [path]*workers, [rec["trials"]]*workers)
     return [j.job_id for j in jobs]
 
-# %% ../nbs/07c_tune.ipynb #f2d024ad
+# %% ../nbs/07c_tune.ipynb #d1ebe5ec
 def main(argv:list[str]|None=None # the arguments after `expert-lab tune`
         )->int:
     "Entry point of `expert-lab tune`: search, run and report a study; 2 with one line for bad input."
-    from expert_lab.data import DatasetError
-    from expert_lab.lock import RunBusy
     try:
         ns, extra = build_parser().parse_known_args(argv)
-        if extra: _unknown(extra)
+        check_unknown(extra, "tune")
         _check_options(ns)
         rec, path = open_study(ns, config_flags(ns))
         if ns.dry_run: print(describe_study(rec, path)); return 0
-        from expert_lab.preflight import ensure_data, preflight
         cfg = TrainConfig(**rec["fixed_config"])
         ensure_data(cfg); preflight([cfg])
-    except (ConfigError, DatasetError, RunBusy) as e:
+    except bad_input_errors() as e:
         print(f"expert-lab: error: {e}", file=sys.stderr); return 2
     create_study(rec, path, shlex.join(["expert-lab", "tune", *(argv if argv is not None else sys.argv[1:])]))
     print(describe_study(rec, path), flush=True)
     if ns.executor == "slurm":
-        ids = submit_workers(path, rec, ns.workers, _slurm_opts(ns))
+        ids = submit_workers(path, rec, ns.workers, slurm_overrides(ns))
         print(f"study {rec['name']}: submitted {len(ids)} worker(s) as one Slurm array: {', '.join(ids)}")
         return 0
     return run_local(path, rec, ns.parallel)
 
-# %% ../nbs/07c_tune.ipynb #1426d9ab
+# %% ../nbs/07c_tune.ipynb #426d40b0
 def compare_study(name:str, # the study's name
                   root:Path|None=None, # the runs folder; default from the settings
                  )->int:
     "Execute the study report into runs/studies/<name>/report.ipynb and .html; print where it is; return 0."
-    from expert_lab.catalog import runs_folder
-    from expert_lab.execute import error_line, execute_notebook, runbook, write_html
-    from expert_lab.runs import RunFailed
     root = runs_folder(root)
     path = study_dir(root, name)
     if not (path/"study.json").exists():

@@ -31,6 +31,7 @@ BAD_INPUT = {  # name: (extra arguments, extra environment, words the one-line e
     "unknown option": (("--learning-rate", "0.1"), {}, ("unknown option --learning-rate",)),
     "bad environment variable": ((), {"EXPERT_LAB_EPOCHZ": "3"}, ("EXPERT_LAB_EPOCHZ", "epochz")),
     "superclass needs cifar100": (("--dataset", "cifar10", "--partition", "superclass"), {}, ("superclass", "cifar100")),
+    "a tuning trial's key": (("--study", "s1"), {}, ("option --study does not apply to this command", "the tuner sets it")),
 }
 
 
@@ -56,7 +57,7 @@ def test_bad_input_is_refused(tmp_path, monkeypatch, capsys, name):
     check_refused(rc, *capsys.readouterr(), words, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["unknown model", "expert id too large", "epochs not an integer"])
+@pytest.mark.parametrize("name", ["unknown model", "expert id too large", "epochs not an integer", "a tuning trial's key"])
 def test_bad_input_exits_2_from_the_command(tmp_path, name):
     args, env, words = BAD_INPUT[name]
     r = cli(tmp_path, *TRAIN, "--runs-dir", tmp_path/"runs", *args, env=clean_env(tmp_path, **env))
@@ -77,6 +78,33 @@ def test_other_commands_refuse_bad_input(tmp_path, args, words):
     assert len(lines) == 1 and lines[0].startswith("expert-lab: error: "), r.stderr
     for w in words: assert w in lines[0], (w, lines[0])
     assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("cmd", [["config"], ["distill", "--model", "wideresnet10_1", "--partition", "iid"]])
+@pytest.mark.parametrize("flag", ["--study", "--trial"])
+def test_only_the_tuner_sets_a_trials_keys(tmp_path, monkeypatch, capsys, cmd, flag):
+    "`study` and `trial` (config.TRIAL_KEYS) are no flag of `train`, `config` or `distill` (train: in BAD_INPUT)."
+    from expert_lab.cli import main
+    isolate(monkeypatch, tmp_path)
+    rc = main([*cmd, flag, "3", "--dataset", "digits"])
+    check_refused(rc, *capsys.readouterr(), (f"option {flag} does not apply", "the tuner sets it"), tmp_path)
+
+
+def test_train_and_tune_share_one_flag_per_config_key():
+    "One flag layer (`expert_lab.flags`): `tune` offers the config keys `train` does, spelt the same, and the same Slurm flags."
+    pytest.importorskip("expert_lab.tune", reason="expert_lab.tune (the tuner) is not written yet")
+    from expert_lab import cli, tune
+    def options(p, title):
+        return {o for g in p._action_groups if g.title.startswith(title) for a in g._group_actions for o in a.option_strings}
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    assert options(tune.build_parser(), "training keys") == options(train, "config keys")
+    assert options(tune.build_parser(), "slurm") == options(train, "slurm") - {"--array-parallelism"}  # tune: --workers
+
+
+def test_the_flag_layer_loads_no_torch():
+    code = "import sys, expert_lab.flags; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
+    assert r.stdout.split() == ["False"], r.stdout + r.stderr
 
 
 def config_rows(out:str)->dict:
@@ -155,13 +183,14 @@ def test_report_runbooks_have_typed_parameters(name):
 
 
 def test_train_help_explains_every_config_flag():
-    from expert_lab.config import FIELD_TYPES, field_docs
+    from expert_lab.config import FIELD_TYPES, TRIAL_KEYS, field_docs
     r = subprocess.run([str(BIN/"expert-lab"), "train", "--help"], capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "COLUMNS": "200"})
     text = " ".join(r.stdout.split())
     docs = field_docs()
-    # --expert-id has its own help (one id, a list or all); every other key shows its docment
-    missing = [k for k in FIELD_TYPES if k != "expert_id" and (f"--{k.replace('_', '-')}" not in text or " ".join(docs[k].split()) not in text)]
+    # --expert-id has its own help (one id, a list or all); the tuner's keys (study, trial) are no flag of train
+    missing = [k for k in FIELD_TYPES if k not in ("expert_id", *TRIAL_KEYS) and (f"--{k.replace('_', '-')}" not in text or " ".join(docs[k].split()) not in text)]
     assert r.returncode == 0 and missing == [], missing
+    assert not {"--study", "--trial"} & set(text.replace("[", " ").split())
 
 
 # the lab book's index and the tuner, wired in by issue 24 (their modules are written beside the command line)

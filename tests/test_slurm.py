@@ -167,3 +167,14 @@ def test_records_share_one_time_stamp():
     assert sweeps.now_iso is slurm.now_iso
     assert not hasattr(sweeps, "_timestamp") and not hasattr(slurm, "_now")
     assert dt.datetime.fromisoformat(slurm.now_iso()).microsecond == 0
+
+
+def test_a_task_imports_this_checkout_wherever_it_starts(tmp_path):
+    "The job set-up every array runs first (experts, sweeps, tune workers): this checkout's package and project root."
+    import sys, expert_lab
+    from expert_lab.slurm import job_setup_lines
+    script = "; ".join([*job_setup_lines(), 'python -c "import expert_lab, expert_lab.config as c; print(expert_lab.__file__); print(c.project_root())"'])
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHONPATH": str(tmp_path)}  # as a bare Slurm task might
+    r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [expert_lab.__file__, str(project_root())]

@@ -45,6 +45,8 @@ BAD = {
     "test metric": (["--lr", "0.1:1", "--metric", "test_acc"], "--metric"),
     "out of range": (["--momentum", "0.5:1.5"], "momentum: must be in [0, 1], got 1.5"),
     "nothing searched": (["--lr", "0.1"], "nothing to search"),
+    "a trial's key": (["--lr", "0.1:1", "--trial", "3"], "option --trial does not apply to tune (the tuner sets it for each trial)"),
+    "not the array's size": (["--lr", "0.1:1", "--array-parallelism", "2"], "unknown option --array-parallelism"),
 }
 
 
@@ -74,6 +76,23 @@ def test_dry_run_prints_the_space_and_creates_nothing(here, capsys):
     out = capsys.readouterr().out
     assert "0 of 5 trials" in out and "lr: 0.02:0.5:log" in out and "model: wideresnet10_1,wideresnet16_1" in out
     assert str(here/"runs"/"studies") in out and not (here/"runs").exists()
+
+
+def test_workers_are_submitted_with_the_training_arrays_job_setup(here, monkeypatch):
+    "Tune's Slurm workers and the training arrays start the same way (`slurm.job_setup_lines`), with the Slurm flags given."
+    from types import SimpleNamespace
+    from expert_lab import slurm, tune
+    seen = {}
+    class Executor:
+        def __init__(self, folder): seen["folder"] = folder
+        def update_parameters(self, **kw): seen.update(kw)
+        def map_array(self, fn, *args): return [SimpleNamespace(job_id=f"7_{i}") for i in range(len(args[0]))]
+    monkeypatch.setattr(tune.submitit, "SlurmExecutor", Executor)
+    monkeypatch.setattr(tune, "check_slurm_resources", lambda res: res)  # no cluster to ask here
+    ns = tune.build_parser().parse_args(["--lr", "0.1:1", "--executor", "slurm", "--time-min", "7", "--mem-gb", "1.5"])
+    ids = tune.submit_workers(here/"study", dict(name="s", trials=4), 2, tune.slurm_overrides(ns))
+    assert ids == ["7_0", "7_1"] and seen["array_parallelism"] == 2
+    assert seen["setup"] == slurm.job_setup_lines() and (seen["time"], seen["mem"]) == (7, "1536M")
 
 
 def _tune(tmp, args, **kw):
