@@ -4,12 +4,14 @@
 
 # %% ../nbs/06f_execute.ipynb #2c647aec
 from __future__ import annotations
-import json, logging, os, shutil, signal, sys, tempfile, threading, weakref
+import datetime as dt, json, logging, os, secrets, shutil, signal, sys, tempfile, threading, weakref
 from dataclasses import asdict
 from pathlib import Path
 
+from .catalog import runs_folder
 from .config import KERNEL_NAME, TrainConfig, project_root
 from .files import DiskError, atomic_write, read_json, write_json
+from .lock import RunLock
 from .notebook_run import summary_markdown
 from .runs import RunFailed, finish_record, new_run_dir, start_record
 from .signals import SignalGuard
@@ -251,7 +253,6 @@ def run_expert(cfg:TrainConfig, # resolved, checked config
                extra:dict|None=None, # more to keep in config.json (a sweep's id and point)
               )->dict:
     "Train one expert by executing the training notebook into its run folder; return metrics.json's final record."
-    from expert_lab.lock import RunLock
     runbook()  # a missing runbook is said before any folder is made
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -270,8 +271,6 @@ def report_notebook(name:str, # runbook in nbs/: compare_runs, ensemble, sweep_r
                     root:str|Path|None=None, # runs folder; default from the site settings
                    )->Path:
     "Execute an analysis runbook into runs/reports/<timestamp>-<name>/ and return the HTML report's path."
-    import datetime as dt, secrets
-    from expert_lab.catalog import runs_folder
     root = runs_folder() if root is None else Path(root)
     src = runbook(name)  # a missing runbook is said before anything is created
     out = root/"reports"/f"{dt.datetime.now():%Y%m%d-%H%M%S}-{name}-{secrets.token_hex(2)}"

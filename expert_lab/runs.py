@@ -6,11 +6,13 @@
 from __future__ import annotations
 import datetime as dt, os, platform, secrets, subprocess, sys
 from dataclasses import asdict
+from importlib.metadata import version  # torchvision's number without importing it (seconds in a fresh kernel)
 from pathlib import Path
 
+from . import __version__
 from .config import FIELD_TYPES, ConfigError, TrainConfig, config_from_dict, project_root
-from .files import read_json, write_json
-from .catalog import runs_folder
+from .files import read_json, write_csv, write_json
+from .catalog import format_runs, read_run, runs_folder
 
 # %% auto #0
 __all__ = ['HISTORY_COLUMNS', 'run_group', 'expert_dir', 'new_run_dir', 'provenance', 'earlier_duration', 'start_record',
@@ -47,9 +49,7 @@ def _git(*args):
 
 def provenance()->dict:
     "Where and with what a run was made: git commit and dirty flag, versions, interpreter, host, device."
-    import torch
-    from importlib.metadata import version  # torchvision's number without importing it (seconds in a fresh kernel)
-    from expert_lab import __version__
+    import torch  # lazy: 4 s of start-up that `expert-lab runs`, which imports this module, never needs (2-core VM, 2026-12-07)
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
     return dict(git_commit=_git("rev-parse", "HEAD") or None, git_dirty=bool(_git("status", "--porcelain", "--", "expert_lab", "nbs")),
                 expert_lab=__version__, torch=torch.__version__, torchvision=version('torchvision'), python=platform.python_version(),
@@ -158,8 +158,6 @@ def write_group_summary(cfg:TrainConfig, # config of any expert of the group
                         run_dirs:list, # the experts' run folders
                        )->str:
     "Write summary-<time>.csv for a group of experts and return it as a table."
-    from expert_lab.catalog import format_runs, read_run
-    from expert_lab.files import write_csv
     rows = [read_run(d) for d in run_dirs]
     dest = expert_dir(cfg).parent/f"summary-{dt.datetime.now():%Y%m%d-%H%M%S}.csv"
     write_csv(dest, rows)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .catalog import runs_folder
+from .execute import report_notebook
 from .sweeps import load_sweep, point_label, recorded_state, sweep_rows
 
 # %% auto #0
@@ -76,6 +77,8 @@ def ensemble_summary(frame, # from `sweep_frame`
                      device:str="cpu", # where the experts run
                     ):
     "Per point: mean, standard deviation and count over seeds of the mean-combined experts' test accuracy."
+    # lazy: the ensemble brings torch (4.3 s) and pandas (0.4 s), which `expert-lab` (importing this module for
+    # `compare --sweep`) needs only here (2-core VM, 2026-12-07)
     import pandas as pd
     from expert_lab.ensemble import accuracy, combine_mean, experts_probs
     pkeys = [k for k in keys if k != "expert"] + (["seed"] if "seed" in frame else [])
@@ -94,7 +97,6 @@ def sweep_report(sid:str, # sweep id
                  root:str|Path|None=None, # the runs folder; default from the site settings
                 )->Path:
     "Execute nbs/sweep_report.ipynb for sweep `sid`; return the HTML report's path."
-    from expert_lab.execute import report_notebook
     root = Path(root) if root else runs_folder()
     load_sweep(sid, root)  # a sweep that does not exist is one line, before a kernel starts
     return report_notebook("sweep_report", dict(sweep_id=sid), root)
