@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import (FIELD_TYPES, SOURCES, ConfigError, check_key, config_from_dict, explicit_args,
                                schedule_warning)
 from .files import write_csv
+from .flags import bad_input_errors  # flags imports only config and lock: fit for the kernel
 from .runs import HISTORY_COLUMNS, finish_record, new_run_dir, record_provenance, run_summary, start_record
 
 # %% auto #0
@@ -88,18 +89,11 @@ def read_config_json(text:str # the `config_json` parameter
     return cfg, j["sources"]
 
 # %% ../nbs/06h_notebook_run.ipynb #9a93d8fb
-def _bad_input():
-    from expert_lab.checkpoint import CheckpointError
-    from expert_lab.data import DatasetError
-    from expert_lab.lock import RunBusy
-    return (ConfigError, DatasetError, CheckpointError, RunBusy)
-
-# %% ../nbs/06h_notebook_run.ipynb #11f36a9e
 @contextmanager
 def one_line_errors():
     "Inside the notebook: a refusal of bad input raised in the block is shown as its one line, without a traceback."
     try: yield
-    except _bad_input() as e:
+    except bad_input_errors() as e:
         line = f"{type(e).__name__}: {e}"
         e._render_traceback_ = lambda: [line]
         raise

@@ -28,24 +28,27 @@ def study_dir(root:str|Path, # the runs folder
         raise ConfigError(f"study: {name!r} is not a study name (letters, digits, '.', '_' and '-', starting with a letter or digit)")
     return Path(root)/"studies"/name
 
+# %% ../nbs/07d_studies.ipynb #1a7476b8
 def list_studies(root:str|Path # the runs folder
                 )->list[str]:
     "The names of the studies under `root`, newest first."
     paths = sorted(Path(root).glob("studies/*/study.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     return [p.parent.name for p in paths]
 
+# %% ../nbs/07d_studies.ipynb #4c19c1da
 def space_text(d:dict # one distribution record
               )->str:
     "A distribution record as it is typed on the command line."
     if d["kind"] == "choice": return ",".join(map(str, d["values"]))
     return f"{d['low']}:{d['high']}" + (":log" if d["log"] else "")
 
-# %% ../nbs/07d_studies.ipynb #eaf57615
+# %% ../nbs/07d_studies.ipynb #0bfbcc34
 NO_TUNE = ("data_root", "runs_dir", "device", "dataset", "partition", "n_experts", "expert_id", "dirichlet_alpha",
            "min_shard_size", "val_size", "seed", "wandb", "wandb_project", "wandb_mode", "tensorboard", *TRIAL_KEYS)
 _RANGE = re.compile(r"([^:]+):([^:]+)((?::(?:log|int))*)")
 
 def _untunable(k):
+    "The `ConfigError` for a range or a choice of key `k`, which cannot be tuned, saying why."
     why = ("it is where things go, not a recipe" if k in ("data_root", "runs_dir", "device", "wandb", "wandb_project", "wandb_mode", "tensorboard")
            else "tune sets it for each trial" if k in TRIAL_KEYS
            else "choose the expert with --expert-id" if k == "expert_id"
@@ -53,7 +56,7 @@ def _untunable(k):
            else "trials must be compared on the same data and validation images")
     return ConfigError(f"{k}: cannot be tuned ({why}); give it one value")
 
-# %% ../nbs/07d_studies.ipynb #4c19c1da
+# %% ../nbs/07d_studies.ipynb #e2582b69
 def _range(k, text, m):
     "A range `low:high[:log][:int]` of key `k` as a distribution record."
     typ, flags = FIELD_TYPES[k], set(m[3].split(":")) - {""}
@@ -65,6 +68,7 @@ def _range(k, text, m):
     if "log" in flags and lo <= 0: raise ConfigError(f"{k}: a log range must stay above 0, got {text!r}; use a low > 0 or drop ':log'")
     return dict(kind="int" if typ is int else "float", low=lo, high=hi, log="log" in flags)
 
+# %% ../nbs/07d_studies.ipynb #5468ce50
 def _choice(k, text):
     "A choice `a,b,c` of key `k` as a distribution record."
     items = [s.strip() for s in text.split(",")]
@@ -98,7 +102,7 @@ def distributions(space:dict # from `parse_space`
         else: out[k] = (IntDistribution if d["kind"] == "int" else FloatDistribution)(d["low"], d["high"], log=d["log"])
     return out
 
-# %% ../nbs/07d_studies.ipynb #5468ce50
+# %% ../nbs/07d_studies.ipynb #c898ac28
 STUDY_KEYS = ("space", "fixed", "expert_id", "sampler", "pruner", "seed")  # what a study is; --trials may change
 
 def study_name(space:dict, # from `parse_space`
@@ -108,6 +112,7 @@ def study_name(space:dict, # from `parse_space`
     blob = json.dumps([rec[k] for k in STUDY_KEYS] + [rec["fixed_config"]], sort_keys=True, default=str)
     return "-".join([*space][:4] + [hashlib.sha1(blob.encode()).hexdigest()[:8]])
 
+# %% ../nbs/07d_studies.ipynb #2c86c6f4
 def study_difference(old:dict, # the recorded study
                      new:dict, # the study this command means
                     )->str|None:
@@ -131,7 +136,7 @@ def max_epochs(rec:dict # a study record (`space`, `fixed_config`)
     d = rec["space"].get("epochs")
     return int(d["high"] if d and d["kind"] != "choice" else max(d["values"]) if d else rec["fixed_config"]["epochs"])
 
-# %% ../nbs/07d_studies.ipynb #7c18064d
+# %% ../nbs/07d_studies.ipynb #174014d7
 def make_pruner(rec:dict # a study record
                ):
     "The study's Optuna pruner, over epochs."
@@ -143,6 +148,7 @@ def make_pruner(rec:dict # a study record
     if kind == "median": return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first)
     return optuna.pruners.NopPruner()
 
+# %% ../nbs/07d_studies.ipynb #ae2664eb
 def make_sampler(rec:dict, # a study record
                  n_trials:int, # trials the study has now: the next one's seed depends on it
                 ):
@@ -151,7 +157,7 @@ def make_sampler(rec:dict, # a study record
     seed = rec["seed"]*1_000_003 + n_trials
     return optuna.samplers.TPESampler(seed=seed) if rec["sampler"] == "tpe" else optuna.samplers.RandomSampler(seed=seed)
 
-# %% ../nbs/07d_studies.ipynb #5dfce5b9
+# %% ../nbs/07d_studies.ipynb #992e04fd
 def journal(path:Path # the study's folder
            ):
     "Optuna's journal storage in `path`/journal.log (one append-only file; safe for several processes and hosts)."
@@ -159,6 +165,7 @@ def journal(path:Path # the study's folder
     from optuna.storages.journal import JournalFileBackend
     return JournalStorage(JournalFileBackend(str(Path(path)/"journal.log")))
 
+# %% ../nbs/07d_studies.ipynb #7324331f
 def load_study(path:Path, # the study's folder
                rec:dict|None=None, # its study.json record; default: read it
               ):
@@ -167,7 +174,7 @@ def load_study(path:Path, # the study's folder
     rec = rec or read_json(Path(path)/"study.json")
     return optuna.load_study(study_name=rec["name"], storage=journal(path), pruner=make_pruner(rec), sampler=make_sampler(rec, 0))
 
-# %% ../nbs/07d_studies.ipynb #13e3e455
+# %% ../nbs/07d_studies.ipynb #913adb27
 def may_prune(rec:dict, # the study record
               epoch:int, # an epoch just trained
              )->bool:
@@ -178,6 +185,7 @@ def may_prune(rec:dict, # the study record
     while first < epoch: first *= 3
     return first == epoch
 
+# %% ../nbs/07d_studies.ipynb #54d8dfa3
 def reports_at(rec:dict, # the study record
                epoch:int, # an epoch just trained
               )->bool:
@@ -232,7 +240,7 @@ def outcome(rec:dict # a trial's final metrics.json record
     if rec.get("status") == "completed" and rec.get("best_val_acc") is not None: return "COMPLETE", float(rec["best_val_acc"])
     return "FAIL", None
 
-# %% ../nbs/07d_studies.ipynb #ac01358e
+# %% ../nbs/07d_studies.ipynb #13ad2d3b
 def trials_rows(study, # the Optuna study
                )->list[dict]:
     "One row per trial: number, state, parameters, best val acc, epochs done and planned, run folder."
@@ -249,6 +257,7 @@ def trials_rows(study, # the Optuna study
                          test_acc=m.get("test_acc"), run_dir=d))
     return rows
 
+# %% ../nbs/07d_studies.ipynb #e96ff03f
 def format_trials(rows:list[dict], # from `trials_rows`
                   space:dict, # the study's space
                  )->str:
@@ -256,12 +265,13 @@ def format_trials(rows:list[dict], # from `trials_rows`
     cols = ["trial", "state", *space, "best_val_acc", "epochs", "planned", "pruned_at", "run_dir"]
     return format_table([{**r, **{k: f"{r[k]:.4g}" for k in space if isinstance(r.get(k), float)}} for r in rows], cols)
 
-# %% ../nbs/07d_studies.ipynb #757ea886
+# %% ../nbs/07d_studies.ipynb #f81541c7
 def best_row(rows:list[dict] # from `trials_rows`
             )->dict|None:
     "The completed trial with the best validation accuracy, or None."
     return max((r for r in rows if r["state"] == "complete"), key=lambda r: r["best_val_acc"], default=None)
 
+# %% ../nbs/07d_studies.ipynb #ce5261e6
 def confirm_command(rec:dict, # the study record
                     params:dict, # the best trial's parameters
                     seeds:str="0,1,2", # the seeds to confirm over
@@ -272,7 +282,7 @@ def confirm_command(rec:dict, # the study record
     for k, v in flags.items(): words += [f"--{k.replace('_', '-')}", f"{v:.6g}" if isinstance(v, float) else str(v)]
     return shlex.join(words)
 
-# %% ../nbs/07d_studies.ipynb #d634d149
+# %% ../nbs/07d_studies.ipynb #493a31a8
 def quiet_optuna(path:Path # the study's folder: its tune.log gets Optuna's messages and warnings
                 ):
     "Send Optuna's log lines and Python's warnings (Optuna's experimental ones) to `path`/tune.log, not the terminal."
@@ -286,6 +296,7 @@ def quiet_optuna(path:Path # the study's folder: its tune.log gets Optuna's mess
         lg.addHandler(h); lg.propagate = False
     logging.captureWarnings(True)
 
+# %% ../nbs/07d_studies.ipynb #46beb61d
 def describe_study(rec:dict, # a study record
                    path:Path, # its folder
                   )->str:
@@ -297,12 +308,13 @@ def describe_study(rec:dict, # a study record
                       f"sampler {rec['sampler']} (seed {rec['seed']}), pruner {rec['pruner']} over epochs (up to {max_epochs(rec)}), "
                       f"metric: best validation accuracy", f"study folder: {path}"])
 
-# %% ../nbs/07d_studies.ipynb #01a89fd4
+# %% ../nbs/07d_studies.ipynb #dfa06209
 def params_label(params:dict # a trial's parameters
                 )->str:
     "Parameters as short `key=value` words, e.g. `lr=0.1347 weight_decay=0.001332`."
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
+# %% ../nbs/07d_studies.ipynb #e67754c9
 def study_summary(path:Path, # the study's folder
                   rec:dict, # its record
                  )->str:

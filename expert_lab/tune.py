@@ -31,9 +31,11 @@ __all__ = ['trial_config', 'check_space', 'study_lock', 'tell', 'worker_alive', 
 
 # %% ../nbs/07c_tune.ipynb #c0e1bedf
 def _corners(space):
+    "Each end of each range and each choice of `space`, one key at a time."
     for k, d in space.items():
         for v in (d["values"] if d["kind"] == "choice" else (d["low"], d["high"])): yield {k: v}
 
+# %% ../nbs/07c_tune.ipynb #1ed1984d
 def trial_config(fixed:dict, # fixed keys as typed (text)
                  params:dict, # the trial's parameters (typed)
                  expert_id:int=0, # the expert whose data the study tunes on
@@ -43,6 +45,7 @@ def trial_config(fixed:dict, # fixed keys as typed (text)
     "The checked config of one trial, resolved through every layer as for `train`, and where each value came from."
     return resolve_run({**fixed, **params, "expert_id": expert_id, "study": study, "trial": trial})
 
+# %% ../nbs/07c_tune.ipynb #e5a69572
 def check_space(space:dict, # from `parse_space`
                 fixed:dict, # fixed keys as typed
                 expert_id:int=0, # the expert whose data the study tunes on
@@ -78,11 +81,12 @@ def tell(study, # the Optuna study
     study.tell(number, value, state=optuna.trial.TrialState[state], skip_if_finished=True)
     return state
 
-# %% ../nbs/07c_tune.ipynb #90b2240f
+# %% ../nbs/07c_tune.ipynb #1075e33d
 def _worker()->dict:
     "Who takes a trial: this process, on this host, now (kept in the trial's user attributes)."
     return dict(host=socket.gethostname(), pid=os.getpid(), at=time.time())
 
+# %% ../nbs/07c_tune.ipynb #f627ca4f
 def worker_alive(w:dict|None, # a trial's `worker` attribute
                  stale_s:float|None=None, # on another host: how long a worker counts as alive after it took the trial
                 )->bool:
@@ -90,7 +94,7 @@ def worker_alive(w:dict|None, # a trial's `worker` attribute
     if not w: return False
     return Holder(w["host"], int(w["pid"]), "", float(w["at"]), "", "").alive(stale_s or STALE_S)
 
-# %% ../nbs/07c_tune.ipynb #5c356092
+# %% ../nbs/07c_tune.ipynb #6d18f6d5
 def _job(study, t, params, rec, d, resumed):
     "Take trial `t` for this worker: its config (the folder's own when it has one) and folder."
     if d is not None and (Path(d)/"config.json").exists(): cfg, sources = load_run_config(Path(d), training=True)  # resumes only with its own config
@@ -100,6 +104,7 @@ def _job(study, t, params, rec, d, resumed):
     study._storage.set_trial_user_attr(tid, "run_dir", str(d)); study._storage.set_trial_user_attr(tid, "worker", _worker())
     return dict(number=t, params=params, cfg=cfg, sources=sources, run_dir=d, resumed=resumed)
 
+# %% ../nbs/07c_tune.ipynb #e9e8ff64
 def _adopt(study, t, rec):
     "A running trial whose worker died: its job (resume it); None when it is live, or when its outcome was only told now."
     d = t.user_attrs.get("run_dir")
@@ -109,6 +114,7 @@ def _adopt(study, t, rec):
     if worker_alive(t.user_attrs.get("worker")): return None  # between taking it and starting it
     return _job(study, t.number, t.params, rec, d, resumed=True)
 
+# %% ../nbs/07c_tune.ipynb #e2986a08
 def next_trial(study, # the Optuna study
                rec:dict, # its record
                path:Path, # its folder
@@ -124,13 +130,16 @@ def next_trial(study, # the Optuna study
         t = study.ask(distributions(rec["space"]))
         return _job(study, t.number, t.params, rec, None, resumed=False)
 
-# %% ../nbs/07c_tune.ipynb #35910698
-_SAY = threading.Lock()
+# %% ../nbs/07c_tune.ipynb #78c9a9c6
+_SAY = threading.Lock()  # several workers' threads print: one line at a time
 
 def _say(line):
+    "Print `line` whole, flushed at once."
     with _SAY: print(line, flush=True)
 
+# %% ../nbs/07c_tune.ipynb #5b7a08ee
 def _end_line(job, rec, state):
+    "How trial `job` ended, in one line."
     m, n = rec or {}, job["number"]
     if state == "PRUNED": return f"trial {n}: pruned after epoch {m.get('epochs_done')} of {job['cfg'].epochs} (best val acc {m.get('best_val_acc') or 0:.4f})"
     if state == "COMPLETE": return f"trial {n}: best val acc {m['best_val_acc']:.4f} at epoch {m.get('best_epoch')} of {m.get('epochs_done')}"
@@ -193,13 +202,15 @@ def build_parser()->Parser:
     add_config_flags(p, skip=("expert_id", *TRIAL_KEYS), title="training keys: one value, a range low:high[:log][:int], or a choice a,b,c")
     return p
 
-# %% ../nbs/07c_tune.ipynb #feb1d1df
+# %% ../nbs/07c_tune.ipynb #07af8993
 def config_flags(ns:argparse.Namespace # from `build_parser`
                 )->dict:
-    "The training keys given on the command line, as text (`--expert-id` is the tuner's own option)."
-    return config_args(ns, skip=("expert_id",))
+    "The training keys given on the command line, as text (`--expert-id` and `--study` are the tuner's own options)."
+    return config_args(ns, skip=("expert_id", *TRIAL_KEYS))
 
+# %% ../nbs/07c_tune.ipynb #48452985
 def _check_options(ns):
+    "Refuse the tuner's own options out of range, in one line."
     if ns.trials < 1: raise ConfigError(f"trials: must be >= 1, got {ns.trials}")
     if ns.parallel < 1: raise ConfigError(f"parallel: must be >= 1, got {ns.parallel}")
     if ns.workers < 1: raise ConfigError(f"workers: must be >= 1, got {ns.workers}")

@@ -1,7 +1,7 @@
 """`expert-lab tune`: bad input refused in one line with nothing created; a study of 6 trials on the bundled digits
 with ASHA pruning, killed during trial 3 and finished by the same command (the killed trial resumed in its folder);
 the study report; and a study run as a Slurm array of 2 workers sharing one journal (marked `slurm`)."""
-import json, os, re, signal, subprocess, sys, threading, time
+import json, os, re, shlex, signal, subprocess, sys, threading, time
 from pathlib import Path
 
 import pytest
@@ -184,6 +184,14 @@ def test_six_trials_pruned_killed_resumed_and_reported(tmp_path):
     html = (tmp_path/"runs"/"studies"/"digits"/"report.html").read_text()
     assert f"best trial: {best.number} (validation accuracy {best.value:.4f}" in html
     assert "--seed 0,1,2" in html and "chosen by validation accuracy" in html
+    # the command that confirms the winner over seeds is one `expert-lab train` takes (its dry run plans 3 runs)
+    from expert_lab.studies import confirm_command
+    cmd = confirm_command(read_json(tmp_path/"runs"/"studies"/"digits"/"study.json"), best.params)
+    assert cmd.startswith("expert-lab train ") and "--study" not in cmd, cmd
+    dry = subprocess.run([sys.executable, "-c", "import sys; from expert_lab.cli import main; sys.exit(main(sys.argv[1:]))",
+                          *shlex.split(cmd)[1:], "--dry-run"], cwd=REPO, env=isolated_env(tmp_path), capture_output=True,
+                         text=True, timeout=HANG_S)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
 
 
 @pytest.mark.slow
