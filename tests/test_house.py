@@ -122,7 +122,9 @@ def _rhythm():
 
 # the notebooks issue 24 named, and their floors: fastcore's 01_basics reads at 7.1 lines per exported cell and
 # 1.18 test cells per definition
-RHYTHM = ["05_train", "08_cli", "06f_execute", "06h_notebook_run", "07a_sweeps", "06b_ensemble", "03_augment"]
+RHYTHM = ["05_train", "08_cli", "06f_execute", "06h_notebook_run", "07a_sweeps", "06b_ensemble", "03_augment",
+          # and the notebooks written since, in that rhythm from the start
+          "00b_signals", "00c_flags", "06i_labbook", "07c_tune", "07d_studies", "04_models", "06a_plots"]
 
 @pytest.mark.parametrize("name", RHYTHM)
 def test_notebooks_read_one_function_at_a_time(name):
