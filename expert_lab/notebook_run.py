@@ -8,11 +8,15 @@ import inspect, json, os, sys
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
+from .catalog import runs_folder
 from .config import (FIELD_TYPES, SOURCES, ConfigError, check_key, config_from_dict, explicit_args,
                                schedule_warning)
 from .files import write_csv
 from .flags import bad_input_errors  # flags imports only config and lock: fit for the kernel
+from .lock import RunBusy, RunLock
+from .preflight import preflight, resolve_run
 from .runs import HISTORY_COLUMNS, finish_record, new_run_dir, record_provenance, run_summary, start_record
+from .tracking import tracking_hooks
 
 # %% auto #0
 __all__ = ['INTERNAL_PARAMETERS', 'SMOKE', 'console_tee', 'unknown_parameters', 'check_internal', 'read_config_json',
@@ -109,7 +113,6 @@ def check_parameters(params:dict # the notebook's globals; `_before_parameters` 
 # %% ../nbs/06h_notebook_run.ipynb #acd3ed89
 def _join_run(params):
     "expert-lab resolved, checked, and holds the folder: join its hold."
-    from expert_lab.lock import RunLock
     cfg, sources = read_config_json(params["config_json"])
     if not params.get("run_dir") or not Path(params["run_dir"]).is_dir():
         raise ConfigError(f"run_dir: config_json comes with the run folder expert-lab made; got {params.get('run_dir')!r}")
@@ -125,8 +128,6 @@ SMOKE = dict(model="wideresnet10_1", dataset="digits", n_experts=2, epochs=2, re
 
 def _own_run(params):
     "Plain papermill or JupyterLab: resolve and check as `expert-lab train` does, then take a folder."
-    from expert_lab.lock import RunLock
-    from expert_lab.preflight import preflight, resolve_run
     smoke = params.get("smoke")
     if smoke is None: smoke = bool(os.environ.get("JPY_SESSION_NAME"))
     cfg, sources = resolve_run({**SMOKE, **explicit_args(params)} if smoke else explicit_args(params))
@@ -171,7 +172,6 @@ def run_hooks(cfg, # the run's resolved config
               lock=None, # the notebook's `RunLock`, or None
              )->list:
     "The training hooks of a run from the runbook: hold, history, tracking, and a tuning trial's hook."
-    from expert_lab.tracking import tracking_hooks
     hooks = [HoldFolder(lock), HistoryCSV(Path(run_dir)/"history.csv"), *tracking_hooks(cfg, Path(run_dir))]
     if cfg.study:
         from expert_lab.studies import trial_hook  # brings optuna (measured 0.6 s): only a trial pays for it
@@ -184,7 +184,6 @@ def recording(run_dir:str|Path, # the run folder
               lock=None, # the notebook's `RunLock`, when it holds the folder itself (plain papermill)
              ):
     "Inside the notebook: finish the record as failed or interrupted if the block raises; release `lock` either way."
-    from expert_lab.lock import RunBusy
     try: yield
     except RunBusy: raise  # the folder is someone else's now: write nothing more
     except KeyboardInterrupt:
@@ -237,7 +236,6 @@ def summary_markdown(rec:dict, # the run's final metrics.json record
                      root, # the runs folder, or the run's config (its `runs_dir`)
                     )->str:
     "The run's result table, then links to the runs folder's index and the group's ensemble report."
-    from expert_lab.catalog import runs_folder
     root, run_dir = runs_folder(root), Path(run_dir)
     links = [f"[all runs]({os.path.relpath(root/'index.html', run_dir)})"]
     if ens := ensemble_report(run_dir, root): links.append(f"[ensemble of this group]({os.path.relpath(ens, run_dir)})")
