@@ -4,9 +4,15 @@
 
 # %% ../nbs/07d_studies.ipynb #e6e9b594
 from __future__ import annotations
-import hashlib, json, re, shlex, warnings
+import hashlib, json, logging, re, shlex, warnings
 from pathlib import Path
 
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+from .catalog import runs_folder
 from .config import FIELD_TYPES, TRIAL_KEYS, ConfigError, TrainConfig, check_key, coerce
 from .files import format_table, read_json
 
@@ -95,7 +101,6 @@ def parse_space(args:dict, # config key -> text from the command line
 def distributions(space:dict # from `parse_space`
                  )->dict:
     "Optuna's distribution for each searched key."
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     out = {}
     for k, d in space.items():
         if d["kind"] == "choice": out[k] = CategoricalDistribution(d["values"])
@@ -140,7 +145,6 @@ def max_epochs(rec:dict # a study record (`space`, `fixed_config`)
 def make_pruner(rec:dict # a study record
                ):
     "The study's Optuna pruner, over epochs."
-    import optuna
     top, kind = max_epochs(rec), rec["pruner"]
     first = max(1, top // 27)
     if kind == "asha": return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
@@ -153,7 +157,6 @@ def make_sampler(rec:dict, # a study record
                  n_trials:int, # trials the study has now: the next one's seed depends on it
                 ):
     "The study's sampler, seeded by the study's seed and the number of trials so far."
-    import optuna
     seed = rec["seed"]*1_000_003 + n_trials
     return optuna.samplers.TPESampler(seed=seed) if rec["sampler"] == "tpe" else optuna.samplers.RandomSampler(seed=seed)
 
@@ -161,8 +164,6 @@ def make_sampler(rec:dict, # a study record
 def journal(path:Path # the study's folder
            ):
     "Optuna's journal storage in `path`/journal.log (one append-only file; safe for several processes and hosts)."
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
     return JournalStorage(JournalFileBackend(str(Path(path)/"journal.log")))
 
 # %% ../nbs/07d_studies.ipynb #7324331f
@@ -170,7 +171,6 @@ def load_study(path:Path, # the study's folder
                rec:dict|None=None, # its study.json record; default: read it
               ):
     "The Optuna study in `path`, with the record's pruner."
-    import optuna
     rec = rec or read_json(Path(path)/"study.json")
     return optuna.load_study(study_name=rec["name"], storage=journal(path), pruner=make_pruner(rec), sampler=make_sampler(rec, 0))
 
@@ -222,7 +222,6 @@ def trial_hook(cfg:TrainConfig, # the run's config; `cfg.study` names its study
                run_dir:str|Path, # the run folder (unused: the journal knows the trial)
               )->TrialHook:
     "The training hook of a tuning trial: it reports `val_acc` per epoch to the study and prunes."
-    from expert_lab.catalog import runs_folder
     path = study_dir(runs_folder(cfg), cfg.study)
     if (rec := read_json(path/"study.json")) is None:
         raise ConfigError(f"study: no study {cfg.study!r} under {path.parent} (study and trial are set by `expert-lab tune` for its trials)")
@@ -286,7 +285,6 @@ def confirm_command(rec:dict, # the study record
 def quiet_optuna(path:Path # the study's folder: its tune.log gets Optuna's messages and warnings
                 ):
     "Send Optuna's log lines and Python's warnings (Optuna's experimental ones) to `path`/tune.log, not the terminal."
-    import logging, optuna
     optuna.logging.disable_default_handler()
     h = logging.FileHandler(Path(path)/"tune.log")
     h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
