@@ -332,6 +332,7 @@ def _index_parser(sub):
 
 def cmd_tune(ns):
     "Run the tuner (`expert_lab.tune.main`) on the arguments after `tune`; its exit status."
+    ns.dry_run = bool({"--dry-run", "--dry_run", "--help", "-h"} & set(ns.argv))  # these change no runs: no index refresh
     return _tune().main(ns.argv)
 
 def _tune_parser(sub):
