@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HANG_S
 from expert_lab import labbook
 from expert_lab.labbook import RUN_HEAD, write_index
 
@@ -176,6 +177,7 @@ sys.path.insert(0, str(Path(sys.argv[3])))
 from test_labbook import write_sample_run
 from expert_lab.labbook import write_index
 root, k = Path(sys.argv[1]), int(sys.argv[2])
+(root/f"ready-{k}").touch()  # started, imported, and waiting for the others
 while not (root/"go").exists(): time.sleep(0.01)
 write_sample_run(root, model="resnet18", expert=k, n_experts=8, stamp=f"20260102-0000{k:02d}-{k:04x}", test_acc=0.5 + k/100)
 write_index(root)
@@ -187,8 +189,12 @@ def test_concurrent_writers_leave_a_whole_page_with_every_run(tmp_path):
     write_index(tmp_path)
     n = 6
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(k), str(REPO/"tests")], cwd=REPO) for k in range(n)]
-    time.sleep(1.0); (tmp_path/"go").touch()  # all start their write at once
-    assert [p.wait(timeout=300) for p in procs] == [0]*n
+    deadline = time.monotonic() + HANG_S  # a hang guard: the writers are waited for, not timed
+    while len(list(tmp_path.glob("ready-*"))) < n:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a writer died before it was ready"
+        time.sleep(0.01)
+    (tmp_path/"go").touch()  # all start their write at once
+    assert [p.wait(timeout=HANG_S) for p in procs] == [0]*n
     rows = runs_by_label(tmp_path)
     assert len(rows) == 20 + n
     assert {f"resnet18/iid-8/expert-{k}/20260102-0000{k:02d}-{k:04x}" for k in range(n)} <= set(rows)

@@ -13,6 +13,7 @@ import pytest
 
 from expert_lab.labbook import write_index
 from test_labbook import write_sample_run
+from conftest import HANG_S
 from test_browser import ARTIFACTS, CHROMIUM_ARGS, _chromium, _need_browser
 
 pytestmark = pytest.mark.browser
@@ -49,11 +50,12 @@ def test_index_sorts_filters_searches_and_links_offline(tmp_path):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(HANG_S*1000)  # every wait below is for a state the page reaches; the deadline only guards a hang
         page.on("request", lambda r: None if r.url.startswith(("file://", "blob:", "data:")) else outside.append(r.url))
         page.on("pageerror", lambda e: errors.append(str(e)))
         try:
             page.goto(index.as_uri())
-            page.wait_for_selector("#runs.dataTable tbody tr td", timeout=30_000)
+            page.wait_for_selector("#runs.dataTable tbody tr td")
             assert _rows(page) == 8  # 6 runs, 1 failed, 1 damaged
             assert "damaged" in _column(page, "status") and "failed" in _column(page, "status")
 
