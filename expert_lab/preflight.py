@@ -155,8 +155,11 @@ def check_run_dir(cfg:TrainConfig, # the config the run will train with
 def nothing_to_train(run_dir:Path, # a run folder
                      cfg:TrainConfig, # the config it was trained with
                     )->str|None:
-    "The one line saying a completed run has no epoch left to train (it reached `epochs` or stopped early), else None."
+    "The one line saying a completed run has no epoch left to train (it reached `epochs` or stopped early), or a pruned trial none it may train, else None."
     rec = read_json(run_dir/"metrics.json", {})
+    if rec.get("status") == "pruned":  # its study stopped it: training on would leave the folder disagreeing with the study's journal
+        return (f"expert {cfg.expert_id}: nothing to train: trial {cfg.trial} of study {cfg.study!r} was pruned after "
+                f"{rec.get('epochs_done') or 0} of {cfg.epochs} epochs (expert-lab compare --study {cfg.study}); nothing was changed in {run_dir}")
     if rec.get("status") != "completed": return None
     done, why = rec.get("epochs_done") or 0, rec.get("stop_reason") or "epochs_done"
     if why != "early_stop" and done < cfg.epochs: return None  # config.json asks for more epochs than were trained
